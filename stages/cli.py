@@ -1,0 +1,127 @@
+"""The `rlhf` command: one sub-command per DVC stage, plus the project commands init / advance / train."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="RLHF with PPO + LoRA as a DVC pipeline. Stages read params.yaml; `dvc repro` calls them.")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
+
+
+def _params(path: Path):
+    from stages.params import load_params
+
+    params = load_params(path)
+    from stages.modeling import set_threads
+
+    set_threads(params.runtime.threads)
+    return params
+
+
+def _run(fn, *args) -> None:
+    """Run a stage; expected failures become one line on stderr and exit code 2 (no traceback)."""
+    from stages.modeling import ModelError
+    from stages.params import ParamsError
+    from stages.schema import ArtifactError
+    from stages.state import StateError
+
+    try:
+        fn(*args)
+    except (ParamsError, ModelError, ArtifactError, StateError, FloatingPointError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def models(role: str = typer.Argument(..., help="policy or reward"), params: Path = ParamsOpt):
+    """Make the policy or reward base model available under models/base/."""
+    from stages import models as stage
+
+    _run(lambda: stage.run(_params(params), role))
+
+
+def _stage(name: str, doc: str):
+    def command(params: Path = ParamsOpt):
+        import importlib
+
+        _run(lambda: importlib.import_module(f"stages.{name}").run(_params(params)))
+
+    command.__doc__ = doc
+    app.command(name=name)(command)
+
+
+_stage("prepare", "Clean, tokenise and split the TL;DR prompts.")
+_stage("sample", "Pick this iteration's prompt batch from (seed, iteration).")
+_stage("rollout", "Sample responses from the current policy.")
+_stage("reward", "Score responses with the reward model.")
+_stage("reference", "Reference log-probs and critic values per token.")
+_stage("advantages", "KL-shaped rewards, GAE advantages and returns.")
+_stage("update", "PPO epochs on the LoRA policy and the critic; writes models/next.")
+
+
+@app.command()
+def evaluate(params: Path = ParamsOpt,
+             state: Optional[Path] = typer.Option(None, help="state folder (default: paths.next)")):
+    """Held-out reward, KL, length and EOS rate of a policy state, plus a sample table."""
+    from stages import evaluate as stage
+
+    _run(lambda: stage.run(_params(params), state))
+
+
+@app.command()
+def init(params: Path = ParamsOpt, force: bool = typer.Option(False, help="overwrite an existing state"),
+         baseline: bool = typer.Option(True, help="evaluate iteration 0 into metrics/eval_initial.json"),
+         track: bool = typer.Option(True, help="`dvc add` the state folder")):
+    """Create iteration 0 (fresh LoRA adapter, critic, value head) deterministically from the seed."""
+    from stages import state as st
+
+    _run(lambda: st.init(_params(params), force, baseline, track))
+
+
+@app.command()
+def advance(params: Path = ParamsOpt, track: bool = typer.Option(True, help="`dvc add` the state folder")):
+    """Promote models/next to models/current and record the iteration in metrics/history.csv."""
+    from stages import state as st
+
+    _run(lambda: st.advance(_params(params), track))
+
+
+@app.command()
+def train(params: Path = ParamsOpt,
+          iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="default: train.iterations"),
+          commit: bool = typer.Option(False, help="git commit + tag each iteration (iter-N)"),
+          tag_prefix: str = typer.Option("iter-", help="tag name prefix")):
+    """Run N PPO iterations: dvc repro + advance, N times."""
+    from stages import state as st
+
+    def go():
+        p = _params(params)
+        st.train(p, iterations or p.train.iterations, commit, tag_prefix)
+
+    _run(go)
+
+
+@app.command("check-params")
+def check_params(params: Path = ParamsOpt):
+    """Validate params.yaml and print the derived sizes."""
+    def go():
+        p = _params(params)
+        typer.echo(f"ok: batch {p.rollout.batch_size} = {p.num_micro_batches} micro-batches of "
+                   f"{p.rollout.micro_batch_size}; {p.ppo.num_minibatches} minibatches × {p.ppo.epochs} epochs "
+                   f"= {p.ppo.num_minibatches * p.ppo.epochs} optimizer steps per iteration")
+
+    _run(go)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

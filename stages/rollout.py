@@ -1,0 +1,70 @@
+"""Stage `rollout`: the current policy (base + this iteration's LoRA adapter) samples one response per prompt.
+
+Log-probs are recomputed after sampling by a plain forward pass at the sampling temperature, in the same fixed,
+length-sorted micro-batches and precision the update stage uses — so the first PPO minibatch sees ratio ≡ 1.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from stages.common import derive_seed, log, read_state, write_json
+from stages.modeling import Actors, contains_stop, generate, length_sorted_groups, load_actors, pack, policy_logprobs
+from stages.params import Params
+from stages.schema import read_artifact, write_artifact
+
+
+def score_groups(actors: Actors, df: pd.DataFrame, temperature: float) -> tuple[list, list]:
+    """Per-token log-probs and entropies, one forward per micro-batch."""
+    logprobs: list = [None] * len(df)
+    entropy: list = [None] * len(df)
+    for _, group in df.groupby("micro_batch", sort=True):
+        rows = list(group.index)
+        packed = pack(list(group["prompt_ids"]), list(group["response_ids"]))
+        with torch.no_grad():
+            lp, ent = policy_logprobs(actors, packed, temperature)  # (b, R)
+        for j, i in enumerate(rows):
+            n = len(df.at[i, "response_ids"])
+            logprobs[i] = lp[j, :n].tolist()
+            entropy[i] = ent[j, :n].tolist()
+    return logprobs, entropy
+
+
+def run(params: Params) -> None:
+    state = read_state(params.paths.current)
+    batch = read_artifact(Path(params.paths.iteration) / "batch.parquet", "prompts")
+    actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False)
+    cfg = params.rollout
+    start = time.perf_counter()
+    responses = generate(actors, list(batch["prompt_ids"]), cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                         seed=derive_seed(params.seed, "rollout", state["iteration"]), batch_size=cfg.batch_size)
+    gen_seconds = time.perf_counter() - start
+    lengths = [len(p) + len(r) for p, r in zip(batch["prompt_ids"], responses)]
+    df = pd.DataFrame({
+        "prompt_id": batch["prompt_id"],
+        "micro_batch": length_sorted_groups(lengths, cfg.micro_batch_size),
+        "query": batch["query"],
+        "reference": batch["reference"],
+        "prompt_ids": batch["prompt_ids"],
+        "response_ids": responses,
+        "response_text": actors.tokenizer.batch_decode(responses, skip_special_tokens=True),
+        "response_length": [len(r) for r in responses],
+        "contains_eos": [contains_stop(r, actors.stop_ids) for r in responses],
+    })
+    df["logprobs"], df["entropy"] = score_groups(actors, df, cfg.temperature)
+    write_artifact(df, "rollout", Path(params.paths.iteration) / "rollout.parquet")
+    new_tokens = int(df["response_length"].sum())
+    metrics = {
+        "iteration": state["iteration"],
+        "generate_seconds": round(gen_seconds, 3),
+        "generated_tokens_per_s": round(new_tokens / max(gen_seconds, 1e-9), 2),
+        "response_length_mean": float(df["response_length"].mean()),
+        "eos_rate": float(df["contains_eos"].mean()),
+    }
+    write_json(Path(params.paths.metrics) / "rollout.json", metrics)
+    log(f"rollout: {len(df)} responses, {new_tokens} tokens in {gen_seconds:.1f}s "
+        f"({metrics['generated_tokens_per_s']:.1f} tok/s), EOS rate {metrics['eos_rate']:.2f}")

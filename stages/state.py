@@ -1,0 +1,142 @@
+"""Project commands outside the DVC graph: `init` (iteration 0), `advance` (next → current) and `train` (loop).
+
+DVC rejects cycles, so the state an iteration starts from (`models/current`) is a `dvc add`-tracked folder that no
+stage outputs. The update stage writes `models/next`; `advance` promotes it and re-tracks it, and appends one row to
+`metrics/history.csv`, the across-iterations record that `dvc plots show` draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+from stages import evaluate
+from stages.common import STATE_FILE, fresh_tmp_dir, log, read_json, read_state, replace_dir, write_json
+from stages.modeling import init_state
+from stages.params import Params
+from stages.schema import atomic_write_text
+
+HISTORY_COLUMNS = [
+    "iteration", "eval/reward_mean", "eval/kl_mean", "eval/length_mean", "eval/eos_rate",
+    "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/non_score_reward",
+    "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/response_length",
+    "val/num_eos_tokens", "lr",
+]
+
+
+class StateError(RuntimeError):
+    pass
+
+
+def history_path(params: Params) -> Path:
+    return Path(params.paths.metrics) / "history.csv"
+
+
+def append_history(params: Params, row: dict) -> None:
+    path = history_path(params)
+    rows = []
+    if path.exists():
+        rows = [r for r in csv.DictReader(path.open()) if int(r["iteration"]) != int(row["iteration"])]
+    rows.append({k: row.get(k, "") for k in HISTORY_COLUMNS})
+    rows.sort(key=lambda r: int(r["iteration"]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def dvc(*args: str) -> None:
+    log("$ dvc " + " ".join(args))
+    result = subprocess.run(["dvc", *args])
+    if result.returncode != 0:
+        raise StateError(f"`dvc {' '.join(args)}` failed with exit code {result.returncode}")
+
+
+def git(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=check)
+
+
+def init(params: Params, force: bool = False, evaluate_baseline: bool = True, track: bool = True) -> None:
+    current = Path(params.paths.current)
+    if (current / STATE_FILE).exists() and not force:
+        raise StateError(f"{current} already holds iteration {read_state(current)['iteration']}; use --force to reset")
+    if not Path(params.paths.policy_model).exists():
+        raise StateError(f"{params.paths.policy_model} missing: run `dvc repro policy_model` first")
+    tmp = fresh_tmp_dir(current)
+    init_state(params, tmp)
+    write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed})
+    replace_dir(tmp, current)
+    log(f"init: iteration 0 written to {current}")
+    if evaluate_baseline:
+        metrics_dir = Path(params.paths.metrics)
+        metrics = evaluate.run(params, current, metrics_dir / "eval_initial.json", metrics_dir / "samples_initial.md")
+        append_history(params, metrics)
+    if track:
+        dvc("add", str(current))
+
+
+def advance(params: Params, track: bool = True) -> int:
+    current, nxt = Path(params.paths.current), Path(params.paths.next)
+    if not (nxt / STATE_FILE).exists():
+        raise StateError(f"{nxt} holds no finished update; run `dvc repro` first")
+    before, after = read_state(current)["iteration"], read_state(nxt)["iteration"]
+    if after != before + 1:
+        raise StateError(f"{nxt} is iteration {after} but {current} is {before}: nothing to advance "
+                         "(already advanced? run `dvc repro`)")
+    tmp = fresh_tmp_dir(current)
+    shutil.rmtree(tmp)
+    shutil.copytree(nxt, tmp)  # models/next stays, so dvc.lock keeps matching the workspace
+    replace_dir(tmp, current)
+    metrics_dir = Path(params.paths.metrics)
+    row: dict = {}
+    for name in ("objective.json", "update.json", "eval.json"):
+        if (metrics_dir / name).exists():
+            row.update(read_json(metrics_dir / name))
+    row["iteration"] = after
+    append_history(params, row)
+    if track:
+        dvc("add", str(current))
+    log(f"advance: {current} is now iteration {after}")
+    return after
+
+
+def commit_iteration(params: Params, iteration: int, tag_prefix: str) -> None:
+    paths = ["dvc.lock", f"{params.paths.current}.dvc", params.paths.metrics, "params.yaml"]
+    git("add", "--", *[p for p in paths if Path(p).exists()])
+    git("add", "-u")
+    done = git("commit", "-m", f"PPO iteration {iteration}", check=False)
+    if done.returncode != 0 and "nothing to commit" not in done.stdout:
+        raise StateError(f"git commit failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    git("tag", "-f", f"{tag_prefix}{iteration}")
+    log(f"train: committed and tagged {tag_prefix}{iteration}")
+
+
+def train(params: Params, iterations: int, commit: bool, tag_prefix: str = "iter-") -> None:
+    dvc("repro", "prepare", "reward_model")
+    if not (Path(params.paths.current) / STATE_FILE).exists():
+        init(params)
+        if commit:
+            commit_iteration(params, 0, tag_prefix)
+    for _ in range(iterations):
+        dvc("repro")
+        iteration = advance(params)
+        if commit:
+            commit_iteration(params, iteration, tag_prefix)
+    print_summary(params)
+
+
+def print_summary(params: Params) -> None:
+    path = history_path(params)
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    print("\niteration  eval reward   eval KL   length   EOS rate")
+    for r in rows:
+        print(f"{r['iteration']:>9}  {float(r['eval/reward_mean']):>11.4f}  {float(r['eval/kl_mean']):>8.3f}  "
+              f"{float(r['eval/length_mean']):>7.1f}  {float(r['eval/eos_rate']):>9.2f}")
+    m = Path(params.paths.metrics)
+    print(f"\nmetrics: {m / 'eval.json'}, {m / 'update.json'}, {m / 'objective.json'}, history {path}")
+    print(f"sample table: {m / 'samples.md'} (initial policy: {m / 'samples_initial.md'})")
+    print("compare: dvc metrics diff · dvc plots show · dvc exp show")
