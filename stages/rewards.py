@@ -78,7 +78,8 @@ class SimilarityScorer:
 
 
 def render_for_reward_model(tokenizer, query: str, response: str) -> str:
-    conversation = [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+    # TL;DR completions start with the space after "TL;DR:"; as a chat turn the content starts at the text.
+    conversation = [{"role": "user", "content": query}, {"role": "assistant", "content": response.strip()}]
     text = tokenizer.apply_chat_template(conversation, tokenize=False)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos):

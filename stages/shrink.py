@@ -1,0 +1,60 @@
+"""Random-weight copies of the mission architectures (Qwen3-0.6B policy, Skywork-Reward-V2-Qwen3-8B reward), full
+size or shrunken, with the real Qwen3 tokenizer shipped in models/configs/. Used by tests, the parameter/memory
+report and the real-size CPU run; the hub models are loaded by id instead when a network is there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parent.parent / "models" / "configs"
+QWEN3_DIR = CONFIGS / "qwen3-0.6b"
+SKYWORK_CONFIG = CONFIGS / "skywork-reward-v2-qwen3-8b" / "config.RECONSTRUCTED.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16}
+
+
+def qwen3_config(config_file: Path, **overrides):
+    from transformers import Qwen3Config
+
+    raw = json.loads(Path(config_file).read_text())
+    for key in ("architectures", "transformers_version", "torch_dtype"):
+        raw.pop(key, None)
+    raw.update(overrides)
+    layers = raw["num_hidden_layers"]
+    # AutoConfig keeps 28 layer_types when num_hidden_layers is overridden; build them to match.
+    raw.update({"max_window_layers": layers, "layer_types": ["full_attention"] * layers})
+    return Qwen3Config(**raw)
+
+
+def copy_tokenizer(out_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        shutil.copy2(QWEN3_DIR / name, out_dir / name)
+
+
+def build_policy(out_dir: Path, seed: int = 0, **overrides) -> Path:
+    from transformers import Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(qwen3_config(QWEN3_DIR / "config.json", **overrides))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    shutil.copy2(QWEN3_DIR / "generation_config.json", out_dir / "generation_config.json")
+    copy_tokenizer(out_dir)
+    return out_dir
+
+
+def build_reward(out_dir: Path, seed: int = 1, **overrides) -> Path:
+    from transformers import Qwen3ForSequenceClassification
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = Qwen3ForSequenceClassification(qwen3_config(SKYWORK_CONFIG, num_labels=1, **overrides))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    copy_tokenizer(out_dir)
+    return out_dir

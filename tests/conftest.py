@@ -1,0 +1,79 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = str(Path(sys.executable).parent)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> Path:
+    from stages.shrink import TINY, build_policy
+
+    return build_policy(tmp_path_factory.mktemp("tiny") / "policy", **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tmp_path_factory) -> Path:
+    from stages.shrink import TINY, build_reward
+
+    return build_reward(tmp_path_factory.mktemp("tiny") / "reward", **TINY)
+
+
+def tiny_params(policy: Path, reward: Path, **sections) -> dict:
+    """params.yaml for fast tests: shrunken Qwen3 policy/critic + Qwen3 sequence-classifier reward."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["policy_model"].update({"id": str(policy), "dtype": "float32"})
+    p["reward_model"].update({"id": str(reward), "kind": "classifier"})
+    p["data"].update({"eval_size": 4, "max_prompt_tokens": 200})
+    p["lora"].update({"r": 4, "alpha": 8})
+    p["critic"].update({"lora_r": 4, "lora_alpha": 8})
+    p["rollout"].update({"batch_size": 4, "max_new_tokens": 5, "micro_batch_size": 2})
+    p["ppo"].update({"epochs": 2, "num_minibatches": 2})
+    p["eval"].update({"max_new_tokens": 5})
+    for key, value in sections.items():
+        p[key].update(value)
+    return p
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def make_project(dest: Path, params: dict, source_rows: int = 60) -> Path:
+    """A fresh git + DVC repo with this project's dvc.yaml, the given params and a slice of the real data."""
+    import pandas as pd
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(ROOT / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    data = dest / "data" / "tldr"
+    data.mkdir(parents=True)
+    df = pd.read_parquet(ROOT / "data" / "tldr" / "validation-1945.parquet").head(source_rows)
+    df.to_parquet(data / "validation-1945.parquet")
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "test@example.com"], dest)
+    run(["git", "config", "user.name", "test"], dest)
+    run(["dvc", "init", "-q"], dest)
+    run(["dvc", "config", "core.autostage", "true"], dest)
+    (dest / ".gitignore").write_text("__pycache__/\n")
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "project"], dest)
+    return dest
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]

@@ -1,0 +1,134 @@
+"""The model code path on shrunken Qwen3 copies with the real Qwen3 tokenizer."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, tiny_params
+from stages.modeling import (
+    Packed, init_state, load_actors, load_causal_lm, make_model_available, pack, policy_logprobs, reference_logprobs,
+    stop_token_ids, token_logprobs, length_sorted_groups,
+)
+from stages.params import parse_params
+from stages.rewards import ClassifierScorer, budget_batches, render_for_reward_model
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_policy, tiny_reward):
+    monkeypatch.chdir(tmp_path)
+    params = parse_params(tiny_params(tiny_policy, tiny_reward))
+    make_model_available(params.policy_model.id, None, Path(params.paths.policy_model), "policy")
+    make_model_available(params.reward_model.id, None, Path(params.paths.reward_model), "reward")
+    init_state(params, Path("state"))
+    return params
+
+
+def perturb_adapter(actors, seed=0):
+    """A trained-looking policy: LoRA B ≠ 0, so the policy differs from the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in actors.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def prompts_and_responses(tokenizer, n=3):
+    df = pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet").head(n)
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"][-60:] for p in df.prompt]
+    responses = [tokenizer(c, add_special_tokens=False)["input_ids"][: 4 + 3 * i] for i, c in enumerate(df.completion)]
+    return prompts, responses
+
+
+def test_qwen3_tokenizer_and_stop_tokens(project):
+    actors = load_actors(project, Path("state"), trainable=False)
+    tok = actors.tokenizer
+    assert tok("Hello world")["input_ids"] == [9707, 1879]
+    assert actors.stop_ids == [151643, 151645]  # <|endoftext|>, <|im_end|>
+    assert tok.pad_token_id == 151643 and tok.bos_token is None
+
+
+def test_pack_positions_follow_the_first_real_token():
+    p = pack([[5, 6, 7], [8]], [[1, 2], [3]])
+    assert p.input_ids.tolist() == [[5, 6, 7, 1, 2], [0, 0, 8, 3, 0]]
+    assert p.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 0]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 1]]
+    assert p.response_mask.tolist() == [[1, 1], [1, 0]]
+
+
+def test_reference_is_adapter_disabled_policy_equal_to_separate_base(project):
+    actors = load_actors(project, Path("state"), trainable=False)
+    perturb_adapter(actors)
+    prompts, responses = prompts_and_responses(actors.tokenizer)
+    packed = pack(prompts, responses)
+    with torch.no_grad():
+        ref = reference_logprobs(actors, packed, 0.7)
+        pol, _ = policy_logprobs(actors, packed, 0.7)
+        base = load_causal_lm(Path(project.paths.policy_model), "float32")
+        separate, _ = token_logprobs(base, packed, 0.7)
+    torch.testing.assert_close(ref, separate, rtol=0, atol=1e-5)
+    assert (pol - ref).abs().max() > 1e-2  # the adapter really changes the policy
+
+
+def test_logprobs_do_not_depend_on_micro_batch_padding(project):
+    actors = load_actors(project, Path("state"), trainable=False)
+    perturb_adapter(actors)
+    prompts, responses = prompts_and_responses(actors.tokenizer)
+    with torch.no_grad():
+        together, _ = policy_logprobs(actors, pack(prompts, responses), 0.7)
+        for i in range(len(prompts)):
+            alone, _ = policy_logprobs(actors, pack([prompts[i]], [responses[i]]), 0.7)
+            n = len(responses[i])
+            torch.testing.assert_close(together[i, :n], alone[0, :n], rtol=0, atol=1e-4)
+
+
+def test_groups_are_length_sorted():
+    assert length_sorted_groups([5, 1, 4, 2], 2) == [1, 0, 1, 0]
+
+
+# --------------------------------------------------------------------------------------------- reward model
+
+POST_ROW = 1  # the "Gangnam Style" post
+
+
+def test_reward_model_sees_its_own_chat_template(project):
+    scorer = ClassifierScorer(Path(project.paths.reward_model), project.reward_model)
+    df = pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet")
+    query, response = df.prompt[POST_ROW], " Mom woke me up with loud TV; I retaliated with Gangnam Style."
+    text = render_for_reward_model(scorer.tokenizer, query, response)
+    expected = (
+        "<|im_start|>user\n" + query + "<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n" + response.strip() + "<|im_end|>\n"
+    )
+    assert text == expected
+    assert text.startswith("<|im_start|>user\nSUBREDDIT: r/")
+    ids = scorer.encode(query, response)
+    assert ids[0] == 151644 and ids[-2:] == [151645, 198]  # <|im_start|> ... <|im_end|>\n, no BOS added
+
+
+def test_batch_scores_equal_one_by_one_any_padding_side_and_order(project):
+    scorer = ClassifierScorer(Path(project.paths.reward_model), project.reward_model)
+    df = pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet").head(6)
+    queries, responses = list(df.prompt), [c[: 20 + 15 * i] for i, c in enumerate(df.completion)]
+    single = [scorer.score([q], [r], [None])[0] for q, r in zip(queries, responses)]
+    # HF's own forward on one unpadded sequence: logits[0][0].
+    ids = torch.tensor([scorer.encode(queries[0], responses[0])])
+    with torch.no_grad():
+        hf = scorer.model(input_ids=ids).logits[0][0].item()
+    assert single[0] == pytest.approx(hf, abs=1e-5)
+    for side in ("left", "right"):
+        scorer.tokenizer.padding_side = side
+        batched = scorer.score(queries, responses, [None] * 6)
+        assert batched == pytest.approx(single, abs=1e-4)
+    order = [3, 0, 5, 1, 4, 2]
+    shuffled = scorer.score([queries[i] for i in order], [responses[i] for i in order], [None] * 6)
+    assert shuffled == pytest.approx([single[i] for i in order], abs=1e-4)
+
+
+def test_budget_batches_respect_the_token_budget():
+    lengths = [10, 300, 20, 290, 15, 5]
+    batches = budget_batches(lengths, 600)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 600 or len(b) == 1
