@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from stages import evaluate
@@ -49,9 +51,15 @@ def append_history(params: Params, row: dict) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _env() -> dict:
+    """Stage commands call `rlhf`; make this interpreter's bin folder win, activated venv or not."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
 def dvc(*args: str) -> None:
     log("$ dvc " + " ".join(args))
-    result = subprocess.run(["dvc", *args])
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], env=_env())
     if result.returncode != 0:
         raise StateError(f"`dvc {' '.join(args)}` failed with exit code {result.returncode}")
 

@@ -33,7 +33,7 @@ def tiny_params(policy: Path, reward: Path, **sections) -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["policy_model"].update({"id": str(policy), "dtype": "float32"})
     p["reward_model"].update({"id": str(reward), "kind": "classifier"})
-    p["data"].update({"eval_size": 4, "max_prompt_tokens": 200})
+    p["data"].update({"eval_size": 4, "max_prompt_tokens": 200, "overlong": "truncate"})
     p["lora"].update({"r": 4, "alpha": 8})
     p["critic"].update({"lora_r": 4, "lora_alpha": 8})
     p["rollout"].update({"batch_size": 4, "max_new_tokens": 5, "micro_batch_size": 2})
