@@ -119,6 +119,17 @@ def check_params(params: Path = ParamsOpt):
     _run(go)
 
 
+@app.command()
+def report(params: Path = ParamsOpt):
+    """LoRA trainable count and per-component memory estimate for the mission models (meta device)."""
+    def go():
+        from stages.report import render
+
+        typer.echo(render(_params(params)))
+
+    _run(go)
+
+
 def main() -> None:
     app()
 
