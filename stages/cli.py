@@ -120,6 +120,31 @@ def check_params(params: Path = ParamsOpt):
 
 
 @app.command()
+def export(params: Path = ParamsOpt,
+           state: Optional[Path] = typer.Option(None, help="state folder (default: paths.current)"),
+           out: Path = typer.Option(Path("models/export"), help="output folder (adapter/ and merged/)")):
+    """Write the policy as a peft adapter folder and as a merged model folder."""
+    from stages import export as stage
+
+    def go():
+        p = _params(params)
+        stage.run(p, state or Path(p.paths.current), out)
+
+    _run(go)
+
+
+@app.command("rm-accuracy")
+def rm_accuracy(params: Path = ParamsOpt,
+                comparisons: Path = typer.Option(Path("data/tldr/comparisons-batch13-18.parquet")),
+                out: Path = typer.Option(Path("metrics/rm_accuracy.json")),
+                limit: Optional[int] = typer.Option(None, help="score only the first N pairs")):
+    """Reward-model accuracy on real human TL;DR preferences, with a 95% interval and a confidence breakdown."""
+    from stages import rm_accuracy as stage
+
+    _run(lambda: stage.run(_params(params), comparisons, out, limit))
+
+
+@app.command()
 def report(params: Path = ParamsOpt):
     """LoRA trainable count and per-component memory estimate for the mission models (meta device)."""
     def go():

@@ -1,0 +1,53 @@
+"""`rlhf export`: ship a trained policy as (a) a peft adapter folder and (b) a merged model folder,
+W' = W + (α/r)·B·A, that plain `AutoModelForCausalLM.from_pretrained` loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from stages.common import fresh_tmp_dir, log, read_state, replace_dir
+from stages.modeling import POLICY_ADAPTER, load_causal_lm, load_tokenizer
+from stages.params import Params
+
+
+def run(params: Params, state_dir: Path, out_dir: Path, dtype: str = "float32") -> None:
+    from peft import PeftModel
+
+    state_dir, out_dir = Path(state_dir), Path(out_dir)
+    iteration = read_state(state_dir)["iteration"]
+    tmp = fresh_tmp_dir(out_dir)
+    shutil.copytree(state_dir / POLICY_ADAPTER, tmp / "adapter")
+    config_file = tmp / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = params.policy_model.id  # the hub id users will load it on
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    base_dir = Path(params.paths.policy_model)
+    base = load_causal_lm(base_dir, dtype)
+    merged = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER).merge_and_unload()
+    merged.save_pretrained(tmp / "merged", safe_serialization=True)
+    load_tokenizer(base_dir).save_pretrained(tmp / "merged")
+    gen_config = base_dir / "generation_config.json"
+    if gen_config.exists():
+        shutil.copy2(gen_config, tmp / "merged" / "generation_config.json")
+    (tmp / "README.md").write_text(
+        f"Policy after PPO iteration {iteration}, base `{params.policy_model.id}`.\n\n"
+        "- `adapter/`: peft LoRA adapter (`PeftModel.from_pretrained(base, 'adapter')`).\n"
+        "- `merged/`: W + (alpha/r)·B·A folded into the base weights (`AutoModelForCausalLM.from_pretrained('merged')`).\n")
+    replace_dir(tmp, out_dir)
+    log(f"export: iteration {iteration} → {out_dir}/adapter and {out_dir}/merged")
+
+
+@torch.no_grad()
+def max_logit_difference(params: Params, state_dir: Path, out_dir: Path, input_ids: torch.Tensor) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = load_causal_lm(Path(params.paths.policy_model), "float32")
+    with_adapter = PeftModel.from_pretrained(base, Path(out_dir) / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(Path(out_dir) / "merged", dtype=torch.float32).eval()
+    return float((with_adapter(input_ids=input_ids).logits - merged(input_ids=input_ids).logits).abs().max())

@@ -1,0 +1,22 @@
+"""Fast CLI checks that need no trained state."""
+
+import yaml
+
+from conftest import ROOT, run
+
+
+def test_report_prints_the_true_lora_count():
+    out = run(["rlhf", "report"], ROOT).stdout
+    assert "20,185,088 trainable" in out  # Qwen3-0.6B, r=32 on the 7 projections
+    assert "Skywork" in out and "| **total (one process)** |" in out
+
+
+def test_hub_unreachable_fails_fast_with_one_line(tmp_path):
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["policy_model"]["id"] = "Qwen/Qwen3-0.6B"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    result = run(["rlhf", "models", "policy"], tmp_path, check=False)
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "'Qwen/Qwen3-0.6B'" in lines[0], result.stderr
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.safetensors"))

@@ -1,0 +1,102 @@
+"""Bad input data: every case is either a counted, reported skip or a clear error."""
+
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from stages.params import parse_params
+from stages.prepare import clean_rows, tokenize_prompts
+from stages.schema import ArtifactError
+
+
+def prompt(post: str, title: str = "A title") -> str:
+    return f"SUBREDDIT: r/test\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+
+
+def frame(rows):
+    return pd.DataFrame(rows, columns=["prompt", "completion"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ROOT / "models/configs/qwen3-0.6b")
+
+
+def test_empty_dataset_is_an_error():
+    with pytest.raises(ArtifactError, match="empty"):
+        clean_rows(frame([]), Counter())
+
+
+def test_missing_column_is_an_error():
+    with pytest.raises(ArtifactError, match="'completion'"):
+        clean_rows(pd.DataFrame({"prompt": [prompt("x")]}), Counter())
+
+
+@pytest.mark.parametrize("bad,counter", [
+    (prompt(""), "skipped_empty_post"),
+    (prompt("   \n  "), "skipped_empty_post"),
+    ("   ", "skipped_empty_prompt"),
+    (None, "skipped_empty_prompt"),
+])
+def test_empty_prompts_are_counted_skips(bad, counter):
+    counts = Counter()
+    out = clean_rows(frame([[bad, " summary"], [prompt("fine"), " ok"]]), counts)
+    assert len(out) == 1 and counts[counter] == 1
+
+
+@pytest.mark.parametrize("completion", [None, "", "   "])
+def test_missing_reference_is_a_counted_skip(completion):
+    counts = Counter()
+    out = clean_rows(frame([[prompt("post"), completion], [prompt("other"), " ok"]]), counts)
+    assert len(out) == 1 and counts["skipped_missing_reference"] == 1
+
+
+def test_duplicate_prompts_keep_the_first():
+    counts = Counter()
+    out = clean_rows(frame([[prompt("same"), " a"], [prompt("same"), " b"], [prompt("new"), " c"]]), counts)
+    assert list(out["reference"]) == [" a", " c"] and counts["skipped_duplicate_prompt"] == 1
+
+
+def test_control_characters_and_bad_bytes_are_cleaned():
+    counts = Counter()
+    raw = prompt("bell\x07 and nul\x00 ok").encode() + b" \xff\xfe broken"
+    out = clean_rows(frame([[raw, " sum\x1bmary"]]), counts)
+    assert "\x07" not in out.at[0, "query"] and "\x00" not in out.at[0, "query"]
+    assert "\ufffd" in out.at[0, "query"] and out.at[0, "reference"] == " summary"
+
+
+def test_overlong_post_dropped_or_truncated_keeping_the_cue(tokenizer):
+    long = prompt("word " * 3000)
+    base = parse_params({"data": {"max_prompt_tokens": 64}})
+    counts = Counter()
+    df = clean_rows(frame([[long, " s"], [prompt("short"), " s"]]), counts)
+    kept = tokenize_prompts(df, tokenizer, base, counts)
+    assert len(kept) == 1 and counts["skipped_overlong"] == 1
+    trunc = parse_params({"data": {"max_prompt_tokens": 64, "overlong": "truncate"}})
+    counts = Counter()
+    out = tokenize_prompts(clean_rows(frame([[long, " s"]]), counts), tokenizer, trunc, counts)
+    assert out.at[0, "prompt_length"] == 64 and counts["truncated_overlong"] == 1
+    assert tokenizer.decode(out.at[0, "prompt_ids"]).endswith("TL;DR:")
+
+
+def test_real_sample_quirks_pass_through(tokenizer):
+    real = pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet")
+    star = real[real["post"].str.strip() == "*"]
+    assert len(star) == 1
+    counts = Counter()
+    out = clean_rows(real, counts)
+    assert star["source_index"].iloc[0] in set(out["prompt_id"])  # a post that is just "*" is still a post
+    assert len(out) == len(real) and sum(v for k, v in counts.items() if k.startswith("skipped")) == 0
+
+
+def test_chat_prompt_format_uses_qwen3_template_without_thinking(tokenizer):
+    params = parse_params({"policy_model": {"prompt_format": "chat"}})
+    df = clean_rows(frame([[prompt("post"), " s"]]), Counter())
+    out = tokenize_prompts(df, tokenizer, params, Counter())
+    text = out.at[0, "prompt"]
+    assert text.startswith("<|im_start|>user\nSUBREDDIT: r/test")
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
