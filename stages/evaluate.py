@@ -41,7 +41,8 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     cfg = params.eval
     ids = list(prompts["prompt_ids"])
     responses = generate(actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                         seed=derive_seed(params.seed, "eval"), batch_size=params.rollout.batch_size)
+                         seed=derive_seed(params.seed, "eval"), chunk_size=params.rollout.generation_chunk,
+                         progress=params.runtime.progress)
     texts = actors.tokenizer.batch_decode(responses, skip_special_tokens=True)
     kls = kl_to_reference(actors, ids, responses, cfg.temperature, params.rollout.micro_batch_size)
     eos = [contains_stop(r, actors.stop_ids) for r in responses]

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from stages.common import derive_seed
+from stages.distributed import Dist
 from stages.params import EMBEDDED_POLICY, EMBEDDED_SCORER, Params
 
 POLICY_ADAPTER = "policy"
@@ -363,48 +364,48 @@ def critic_values(actors: Actors, packed: Packed) -> torch.Tensor:
 
 def generate(
     actors: Actors, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, batch_size: int,
+    seed: int, chunk_size: int, progress: str = "off", dist: Dist = Dist(),
 ) -> list[list[int]]:
-    """Sample responses; each is cut right after its first stop token (nothing after it is kept)."""
-    from transformers import GenerationConfig
+    """Sample responses; each is cut right after its first stop token (nothing after it is kept).
+
+    Prompts are generated in chunks of `chunk_size`, chunk c seeded by (seed, c): the result does not depend on how
+    many processes share the chunks."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    from stages.progress import bar, token_ticker
 
     actors.use(POLICY_ADAPTER)
-    model = actors.model
     pad = actors.tokenizer.pad_token_id
     pad = actors.stop_ids[0] if pad is None else pad
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               max_new_tokens=max_new_tokens, eos_token_id=actors.stop_ids, pad_token_id=pad)
-    torch.manual_seed(seed)
     stops = set(actors.stop_ids)
-    responses: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        packed = pack(chunk, [[] for _ in chunk])
+    chunks = [list(range(s, min(s + chunk_size, len(prompts)))) for s in range(0, len(prompts), chunk_size)]
+    mine = dist.mine(list(enumerate(chunks)))
+    ticks = bar(sum(len(rows) for _, rows in mine) * max_new_tokens, "generate", "tok", progress)
+    local: dict[int, list[int]] = {}
+    for c, rows in mine:
+        packed = pack([prompts[i] for i in rows], [[] for _ in rows])
         P = packed.prompt_width
         ids, attn = packed.input_ids[:, :P].clone(), packed.attention_mask[:, :P]
         ids[attn == 0] = pad
+        torch.manual_seed(derive_seed(seed, "chunk", c))
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
-        for row in out[:, P:].tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            responses.append(row[:cut])
-    return responses
+            out = actors.model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
+                                        stopping_criteria=StoppingCriteriaList([token_ticker(ticks)]))
+        for i, row in zip(rows, out[:, P:].tolist()):
+            cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+            local[i] = row[:cut]
+    ticks.close()
+    merged = dist.merge(local)
+    return [merged[i] for i in range(len(prompts))]
 
 
 def contains_stop(response: Sequence[int], stop_ids: Sequence[int]) -> bool:
     return len(response) > 0 and response[-1] in set(stop_ids)
 
 
-@contextmanager
-def inference() -> Iterator[None]:
-    with torch.no_grad():
-        yield
-
-
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
 
-
-def autocast_ctx(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()

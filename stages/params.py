@@ -92,6 +92,7 @@ class Rollout(_Section):
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     micro_batch_size: int = Field(4, ge=1)
+    generation_chunk: int = Field(16, ge=1)  # prompts per generate() call; the unit shared out across processes
 
 
 class KL(_Section):

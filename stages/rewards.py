@@ -17,12 +17,14 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from stages.distributed import Dist
 from stages.modeling import _from_pretrained, load_tokenizer
 from stages.params import RewardModel
 
 
 class Scorer(Protocol):
-    def score(self, queries: Sequence[str], responses: Sequence[str], references: Sequence[str]) -> np.ndarray: ...
+    def score(self, queries: Sequence[str], responses: Sequence[str], references: Sequence[str],
+              dist: Dist = Dist()) -> np.ndarray: ...
 
 
 def budget_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -58,22 +60,25 @@ class SimilarityScorer:
         self.model = _from_pretrained(AutoModel, model_dir, cfg.dtype, cfg.trust_remote_code).eval()
         self.cfg = cfg
 
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+    def embed(self, texts: Sequence[str], dist: Dist = Dist()) -> torch.Tensor:
+        """L2-normalised, attention-masked mean of the last hidden state (sentence-transformers' recipe)."""
         rows = [self.tokenizer(t, truncation=True, max_length=256)["input_ids"] for t in texts]
-        out = torch.zeros((len(texts), self.model.config.hidden_size))
-        for batch in budget_batches([len(r) for r in rows], self.cfg.token_budget):
+        local: dict[int, torch.Tensor] = {}
+        for batch in dist.mine(budget_batches([len(r) for r in rows], self.cfg.token_budget)):
             ids, mask = _pad_right([rows[i] for i in batch])
             with torch.no_grad():
                 h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (b, L, d)
             m = mask.unsqueeze(-1).float()  # (b, L, 1)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (b, d) attention-masked mean
-            out[batch] = torch.nn.functional.normalize(pooled, dim=-1)
-        return out
+            pooled = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)  # (b, d)
+            local.update(zip(batch, pooled))
+        merged = dist.merge(local)
+        return torch.stack([merged[i] for i in range(len(texts))])
 
-    def score(self, queries, responses, references) -> np.ndarray:
+    def score(self, queries, responses, references, dist: Dist = Dist()) -> np.ndarray:
         if any(r is None for r in references):
             raise ValueError("the similarity scorer needs a reference summary for every prompt")
-        a, b = self.embed([r.strip() for r in responses]), self.embed([r.strip() for r in references])
+        a = self.embed([r.strip() for r in responses], dist)
+        b = self.embed([r.strip() for r in references], dist)
         return (a * b).sum(-1).numpy().astype(np.float32)
 
 
@@ -101,19 +106,21 @@ class ClassifierScorer:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[-self.cfg.max_length:] if len(ids) > self.cfg.max_length else ids
 
-    def score(self, queries, responses, references) -> np.ndarray:
+    def score(self, queries, responses, references, dist: Dist = Dist()) -> np.ndarray:
+        """Budget batches are formed over all rows, then shared out: the numbers do not depend on the world size."""
         rows = [self.encode(q, r) for q, r in zip(queries, responses)]
-        scores = np.zeros(len(rows), dtype=np.float32)
+        local: dict[int, float] = {}
         backbone = getattr(self.model, self.model.base_model_prefix)
-        for batch in budget_batches([len(r) for r in rows], self.cfg.token_budget):
+        for batch in dist.mine(budget_batches([len(r) for r in rows], self.cfg.token_budget)):
             ids, mask = _pad_right([rows[i] for i in batch])
             with torch.no_grad():
                 h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, L, d)
                 last = mask.sum(1) - 1  # (b,) right padding: last real token, whatever the pad id is
                 h_last = h[torch.arange(len(batch)), last]  # (b, d)
                 logits = self.model.score(h_last)  # (b, num_labels)
-            scores[batch] = logits[:, 0].float().numpy()
-        return scores
+            local.update(zip(batch, logits[:, 0].float().tolist()))
+        merged = dist.merge(local)
+        return np.array([merged[i] for i in range(len(rows))], dtype=np.float32)
 
 
 def load_scorer(model_dir: Path, cfg: RewardModel) -> Scorer:

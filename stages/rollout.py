@@ -13,35 +13,36 @@ import pandas as pd
 import torch
 
 from stages.common import derive_seed, log, read_state, write_json
+from stages.distributed import Dist, init_distributed
 from stages.modeling import Actors, contains_stop, generate, length_sorted_groups, load_actors, pack, policy_logprobs
 from stages.params import Params
 from stages.schema import read_artifact, write_artifact
 
 
-def score_groups(actors: Actors, df: pd.DataFrame, temperature: float) -> tuple[list, list]:
-    """Per-token log-probs and entropies, one forward per micro-batch."""
-    logprobs: list = [None] * len(df)
-    entropy: list = [None] * len(df)
-    for _, group in df.groupby("micro_batch", sort=True):
-        rows = list(group.index)
+def score_groups(actors: Actors, df: pd.DataFrame, temperature: float, dist: Dist = Dist()) -> tuple[list, list]:
+    """Per-token log-probs and entropies, one forward per micro-batch (micro-batches shared out across ranks)."""
+    local = {}
+    for _, group in dist.mine(list(df.groupby("micro_batch", sort=True))):
         packed = pack(list(group["prompt_ids"]), list(group["response_ids"]))
         with torch.no_grad():
             lp, ent = policy_logprobs(actors, packed, temperature)  # (b, R)
-        for j, i in enumerate(rows):
+        for j, i in enumerate(group.index):
             n = len(df.at[i, "response_ids"])
-            logprobs[i] = lp[j, :n].tolist()
-            entropy[i] = ent[j, :n].tolist()
-    return logprobs, entropy
+            local[i] = (lp[j, :n].tolist(), ent[j, :n].tolist())
+    merged = dist.merge(local)
+    return [merged[i][0] for i in range(len(df))], [merged[i][1] for i in range(len(df))]
 
 
 def run(params: Params) -> None:
+    dist = init_distributed()
     state = read_state(params.paths.current)
     batch = read_artifact(Path(params.paths.iteration) / "batch.parquet", "prompts")
     actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False)
     cfg = params.rollout
     start = time.perf_counter()
     responses = generate(actors, list(batch["prompt_ids"]), cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                         seed=derive_seed(params.seed, "rollout", state["iteration"]), batch_size=cfg.batch_size)
+                         seed=derive_seed(params.seed, "rollout", state["iteration"]), chunk_size=cfg.generation_chunk,
+                         progress=params.runtime.progress, dist=dist)
     gen_seconds = time.perf_counter() - start
     lengths = [len(p) + len(r) for p, r in zip(batch["prompt_ids"], responses)]
     df = pd.DataFrame({
@@ -55,7 +56,9 @@ def run(params: Params) -> None:
         "response_length": [len(r) for r in responses],
         "contains_eos": [contains_stop(r, actors.stop_ids) for r in responses],
     })
-    df["logprobs"], df["entropy"] = score_groups(actors, df, cfg.temperature)
+    df["logprobs"], df["entropy"] = score_groups(actors, df, cfg.temperature, dist)
+    if not dist.is_main:
+        return
     write_artifact(df, "rollout", Path(params.paths.iteration) / "rollout.parquet")
     new_tokens = int(df["response_length"].sum())
     metrics = {

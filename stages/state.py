@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages import evaluate
+from stages import evaluate, samples_report
 from stages.common import STATE_FILE, fresh_tmp_dir, log, read_json, read_state, replace_dir, write_json
 from stages.modeling import init_state
 from stages.params import Params
@@ -83,6 +83,8 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
         metrics_dir = Path(params.paths.metrics)
         metrics = evaluate.run(params, current, metrics_dir / "eval_initial.json", metrics_dir / "samples_initial.md")
         append_history(params, metrics)
+        samples_report.archive(metrics_dir / "samples_initial.jsonl", metrics_dir, 0)
+        samples_report.write(metrics_dir, 0)
     if track:
         dvc("add", str(current))
 
@@ -106,6 +108,9 @@ def advance(params: Params, track: bool = True) -> int:
             row.update(read_json(metrics_dir / name))
     row["iteration"] = after
     append_history(params, row)
+    if (metrics_dir / "samples.jsonl").exists():
+        samples_report.archive(metrics_dir / "samples.jsonl", metrics_dir, after)
+        samples_report.write(metrics_dir, after)
     if track:
         dvc("add", str(current))
     log(f"advance: {current} is now iteration {after}")
@@ -146,5 +151,5 @@ def print_summary(params: Params) -> None:
               f"{float(r['eval/length_mean']):>7.1f}  {float(r['eval/eos_rate']):>9.2f}")
     m = Path(params.paths.metrics)
     print(f"\nmetrics: {m / 'eval.json'}, {m / 'update.json'}, {m / 'objective.json'}, history {path}")
-    print(f"sample table: {m / 'samples.md'} (initial policy: {m / 'samples_initial.md'})")
+    print(f"sample table: {m / 'report.html'} / {m / 'report.md'} (vs. previous iteration), {m / 'samples.md'}")
     print("compare: dvc metrics diff · dvc plots show · dvc exp show")

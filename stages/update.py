@@ -16,6 +16,7 @@ import torch
 
 from stages import ppo
 from stages.common import derive_seed, fresh_tmp_dir, log, read_state, replace_dir, write_json
+from stages.distributed import Dist, init_distributed
 from stages.modeling import (
     CRITIC_ADAPTER, POLICY_ADAPTER, Actors, Packed, critic_values, load_actors, pack, policy_logprobs, save_value_head,
 )
@@ -124,9 +125,13 @@ def load_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------- one minibatch
 
 
+STEP_KEYS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac",
+             "val/ratio", "_ratio_sq", "val/vpred")
+
+
 @dataclass
 class StepStats:
-    sums: dict = field(default_factory=dict)
+    sums: dict = field(default_factory=lambda: dict.fromkeys(STEP_KEYS, 0.0))  # same keys on every rank
 
     def add(self, key: str, value: torch.Tensor | float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
@@ -137,9 +142,10 @@ def check_finite(name: str, value: torch.Tensor, where: str) -> None:
         raise FloatingPointError(f"update: non-finite {name} at {where}; nothing written to models/next")
 
 
-def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where: str) -> dict:
-    """Forward + backward over the micro-batches of one minibatch; gradients accumulate, token-weighted."""
-    n_tokens = sum(float(g.mask.sum()) for g in groups)
+def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where: str, n_tokens: float,
+                     check: bool = True) -> dict:
+    """Forward + backward over (this rank's share of) one minibatch's micro-batches; gradients accumulate,
+    normalised by the whole minibatch's token count so shares add up to the full-minibatch gradient."""
     stats = StepStats()
     ratio_dev = torch.zeros(())
     for g in groups:
@@ -150,12 +156,14 @@ def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where:
         if not params.kl.in_reward:
             kl = ppo.kl_per_token(logprobs, g.ref_logprobs, params.kl.estimator)  # (b, R)
             loss_p = loss_p + params.kl.coef * ppo.masked_sum(kl, m) / n_tokens
-        check_finite("policy loss", loss_p, where)
+        if check:  # with several ranks a local raise would hang the others; the summed gradients are checked instead
+            check_finite("policy loss", loss_p, where)
         loss_p.backward()
         values = critic_values(actors, g.packed)  # (b, R)
         vl = ppo.clipped_value_loss(values, g.old_values, g.returns, params.ppo.clip_eps_value)
         loss_v = params.ppo.vf_coef * ppo.masked_sum(vl.loss, m) / n_tokens
-        check_finite("value loss", loss_v, where)
+        if check:
+            check_finite("value loss", loss_v, where)
         loss_v.backward()
         with torch.no_grad():
             ratio = pl.ratio.detach()
@@ -170,8 +178,13 @@ def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where:
             stats.add("val/vpred", ppo.masked_sum(values, m) / n_tokens)
             ratio_dev = torch.maximum(ratio_dev, ((ratio - 1).abs() * m).max())
     out = dict(stats.sums)
-    out["val/ratio_var"] = out.pop("_ratio_sq") - out["val/ratio"] ** 2
     out["policy/ratio_max_abs_dev"] = float(ratio_dev)
+    return out
+
+
+def finish_stats(sums: dict) -> dict:
+    out = dict(sums)
+    out["val/ratio_var"] = out.pop("_ratio_sq", 0.0) - out.get("val/ratio", 0.0) ** 2
     return out
 
 
@@ -189,7 +202,7 @@ def clip_and_step(opt: torch.optim.Optimizer, named: dict, max_norm: float | Non
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def ppo_epochs(actors, groups, params, opts, named, iteration: int) -> list[dict]:
+def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist) -> list[dict]:
     history = []
     n_groups, n_mb = len(groups), params.ppo.num_minibatches
     per_mb = n_groups // n_mb
@@ -199,14 +212,19 @@ def ppo_epochs(actors, groups, params, opts, named, iteration: int) -> list[dict
         order = torch.randperm(n_groups, generator=gen).tolist()
         for mb in range(n_mb):
             where = f"iteration {iteration}, epoch {epoch}, minibatch {mb} (step {step})"
-            stats = minibatch_losses(actors, [groups[i] for i in order[mb * per_mb:(mb + 1) * per_mb]], params, where)
+            minibatch = [groups[i] for i in order[mb * per_mb:(mb + 1) * per_mb]]
+            n_tokens = sum(float(g.mask.sum()) for g in minibatch)
+            sums = minibatch_losses(actors, dist.mine(minibatch), params, where, n_tokens, check=not dist.active)
+            dist.sum_gradients([*named[0].values(), *named[1].values()])
+            stats = finish_stats(dist.sum_stats(sums, maxima=("policy/ratio_max_abs_dev",)))
             stats["grad_norm/policy"] = clip_and_step(opts[0], named[0], params.ppo.max_grad_norm, "policy", where)
             stats["grad_norm/critic"] = clip_and_step(opts[1], named[1], params.ppo.max_grad_norm, "critic", where)
             stats.update({"lr": opts[0].param_groups[0]["lr"], "critic_lr": opts[1].param_groups[0]["lr"],
                           "epoch": epoch})
             history.append(stats)
-            log(f"update: {where}: loss/policy {stats['loss/policy']:+.4f} loss/value {stats['loss/value']:.4f} "
-                f"approxkl {stats['policy/approxkl']:.2e} clipfrac {stats['policy/clipfrac']:.3f}")
+            if dist.is_main:
+                log(f"update: {where}: loss/policy {stats['loss/policy']:+.4f} loss/value {stats['loss/value']:.4f} "
+                    f"approxkl {stats['policy/approxkl']:.2e} clipfrac {stats['policy/clipfrac']:.3f}")
             step += 1
     return history
 
@@ -248,6 +266,7 @@ def save_next(actors: Actors, opts, named, state: dict, steps: int, next_dir: Pa
 
 
 def run(params: Params) -> None:
+    dist = init_distributed()
     current = Path(params.paths.current)
     state = read_state(current)
     iteration = state["iteration"]
@@ -266,7 +285,9 @@ def run(params: Params) -> None:
     groups = build_groups(df)
 
     start = time.perf_counter()
-    history = ppo_epochs(actors, groups, params, opts, named, iteration)
+    history = ppo_epochs(actors, groups, params, opts, named, iteration, dist)
+    if not dist.is_main:
+        return
     write_step_curves(history, Path(params.paths.metrics) / "train")
     summary = summarise(history)
     summary.update({"iteration": iteration, "update_seconds": round(time.perf_counter() - start, 3)})

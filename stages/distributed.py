@@ -1,0 +1,80 @@
+"""Data parallelism over torch.distributed, launched with `torchrun` (gloo on CPU, NCCL on GPUs).
+
+Work is split in units that are the same whatever the world size — generation chunks (each seeded by its index) and
+the rollout's fixed micro-batches — so a sharded run computes exactly what one process computes, and rank 0 merges
+the results in the single-process order. In the update, each rank back-propagates its share of a minibatch's
+micro-batches (losses normalised by the whole minibatch's token count) and gradients are summed with all-reduce:
+the step equals the single-process step up to float summation order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def mine(self, units: Iterable[T]) -> list[T]:
+        """This rank's units: round-robin over the unit index."""
+        return [u for i, u in enumerate(units) if i % self.world == self.rank]
+
+    def merge(self, local: dict) -> dict:
+        """Union of every rank's {unit index: result} dicts, on every rank."""
+        if not self.active:
+            return dict(local)
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, local)
+        merged: dict = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        if not self.active:
+            return
+        for p in parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+
+    def sum_stats(self, stats: dict, maxima: tuple[str, ...] = ()) -> dict:
+        if not self.active:
+            return stats
+        keys = sorted(stats)
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        summed, biggest = values.clone(), values.clone()
+        torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(biggest, op=torch.distributed.ReduceOp.MAX)
+        return {k: float(biggest[i] if k in maxima else summed[i]) for i, k in enumerate(keys)}
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
