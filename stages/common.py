@@ -15,6 +15,7 @@ STATE_FILE = "state.json"
 
 
 def read_state(state_dir: str | Path) -> dict:
+    recover_dir(Path(state_dir))
     path = Path(state_dir) / STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no iteration state; run `rlhf init` (or `rlhf train`) first")
@@ -35,10 +36,19 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def recover_dir(final: Path) -> None:
+    """Finish or undo a swap that a crash interrupted between its two renames."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.exists():
+        os.replace(old, final)  # the old folder is whole; a leftover .tmp is cleared by the next fresh_tmp_dir
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Swap a fully written temp folder into place; a crash leaves the old folder or the new one, never half."""
     final = Path(final)
     old = final.with_name(f".{final.name}.old")
+    recover_dir(final)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)

@@ -1,5 +1,6 @@
 """Stage `evaluate`: the updated policy on the fixed held-out prompts: reward, KL to the reference, length, EOS rate,
-and a sample table. The sampling seed is the same every iteration, so iterations differ only by the policy."""
+and a sample table. Greedy decoding by default (`eval.greedy`), so iteration-to-iteration differences come from the
+policy, not from sampling noise; with sampling, the seed is the same every iteration."""
 
 from __future__ import annotations
 
@@ -9,27 +10,22 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from stages import ppo
 from stages.common import derive_seed, log, read_state, write_json
-from stages.modeling import (
-    contains_stop, generate, length_sorted_groups, load_actors, pack, policy_logprobs, reference_logprobs,
-)
+from stages.modeling import contains_stop, exact_kl, generate, length_sorted_groups, load_actors, pack
 from stages.params import Params
 from stages.rewards import load_scorer
 from stages.schema import atomic_write_text, read_artifact
 
 
 def kl_to_reference(actors, prompts: list, responses: list, temperature: float, group_size: int) -> list[float]:
-    """Sequence KL estimate Σ_t (log π − log π_ref) over each response (k1, the unbiased one)."""
+    """Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)), exact over the vocabulary, along each held-out response."""
     groups = length_sorted_groups([len(p) + len(r) for p, r in zip(prompts, responses)], group_size)
     kls = [0.0] * len(prompts)
     for g in sorted(set(groups)):
         rows = [i for i, x in enumerate(groups) if x == g]
         packed = pack([prompts[i] for i in rows], [responses[i] for i in rows])
         with torch.no_grad():
-            lp, _ = policy_logprobs(actors, packed, temperature)
-            ref = reference_logprobs(actors, packed, temperature)
-        kl = ppo.kl_per_token(lp, ref, "k1") * packed.response_mask  # (b, R)
+            kl = exact_kl(actors, packed, temperature)  # (b, R)
         for j, i in enumerate(rows):
             kls[i] = float(kl[j].sum())
     return kls
@@ -42,7 +38,7 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     ids = list(prompts["prompt_ids"])
     responses = generate(actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                          seed=derive_seed(params.seed, "eval"), chunk_size=params.rollout.generation_chunk,
-                         progress=params.runtime.progress)
+                         progress=params.runtime.progress, greedy=cfg.greedy)
     texts = actors.tokenizer.batch_decode(responses, skip_special_tokens=True)
     kls = kl_to_reference(actors, ids, responses, cfg.temperature, params.rollout.micro_batch_size)
     eos = [contains_stop(r, actors.stop_ids) for r in responses]

@@ -325,12 +325,16 @@ def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     return out.last_hidden_state[:, P - 1:P + R - 1]  # (b, R, d): the state that predicts response token t
 
 
+def response_logits(causal_lm: nn.Module, packed: Packed, temperature: float) -> torch.Tensor:
+    h = response_hidden(causal_lm.get_decoder(), packed)  # (b, R, d)
+    return causal_lm.get_output_embeddings()(h).float() / temperature  # (b, R, V)
+
+
 def token_logprobs(causal_lm: nn.Module, packed: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(a_t|s_t) and entropy of π(·|s_t) at the sampling temperature, fp32, response positions only."""
     from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-    h = response_hidden(causal_lm.get_decoder(), packed)  # (b, R, d)
-    logits = causal_lm.get_output_embeddings()(h).float() / temperature  # (b, R, V)
+    logits = response_logits(causal_lm, packed, temperature)  # (b, R, V)
     logprobs = selective_log_softmax(logits, packed.response_ids)  # (b, R)
     with torch.no_grad():
         entropy = entropy_from_logits(logits)  # (b, R)
@@ -340,6 +344,20 @@ def token_logprobs(causal_lm: nn.Module, packed: Packed, temperature: float) -> 
 def policy_logprobs(actors: Actors, packed: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     actors.use(POLICY_ADAPTER)
     return token_logprobs(actors.model.get_base_model(), packed, temperature)
+
+
+def exact_kl(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
+    """KL(π(·|s_t) ‖ π_ref(·|s_t)) over the whole vocabulary at every response position, (b, R)."""
+    from stages.ppo import kl_full
+
+    actors.use(POLICY_ADAPTER)
+    logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
+    if actors.reference is not None:
+        ref_logits = response_logits(actors.reference, packed, temperature)
+    else:
+        with actors.model.disable_adapter():
+            ref_logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
+    return kl_full(logits, ref_logits) * packed.response_mask
 
 
 def reference_logprobs(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
@@ -364,7 +382,7 @@ def critic_values(actors: Actors, packed: Packed) -> torch.Tensor:
 
 def generate(
     actors: Actors, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, chunk_size: int, progress: str = "off", dist: Dist = Dist(),
+    seed: int, chunk_size: int, progress: str = "off", dist: Dist = Dist(), greedy: bool = False,
 ) -> list[list[int]]:
     """Sample responses; each is cut right after its first stop token (nothing after it is kept).
 
@@ -377,8 +395,9 @@ def generate(
     actors.use(POLICY_ADAPTER)
     pad = actors.tokenizer.pad_token_id
     pad = actors.stop_ids[0] if pad is None else pad
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                              max_new_tokens=max_new_tokens, eos_token_id=actors.stop_ids, pad_token_id=pad)
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+    config = GenerationConfig(do_sample=not greedy, **sampling, max_new_tokens=max_new_tokens,
+                              eos_token_id=actors.stop_ids, pad_token_id=pad)
     stops = set(actors.stop_ids)
     chunks = [list(range(s, min(s + chunk_size, len(prompts)))) for s in range(0, len(prompts), chunk_size)]
     mine = dist.mine(list(enumerate(chunks)))

@@ -134,6 +134,7 @@ class Optim(_Section):
 
 
 class Eval(_Section):
+    greedy: bool = True
     max_new_tokens: int = Field(53, ge=1)
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -145,6 +146,7 @@ class Train(_Section):
 
 
 class Runtime(_Section):
+    launcher: str = ""  # prefix for the data-parallel stages' commands in dvc.yaml (torchrun / accelerate launch)
     threads: int = Field(0, ge=0)  # 0: torch's default
     progress: Literal["auto", "on", "off"] = "auto"
 

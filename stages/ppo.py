@@ -58,6 +58,13 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
+def kl_full(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) from two logit tensors (..., V); returns (...)."""
+    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    logq = torch.log_softmax(ref_logits, dim=-1)  # (B, T, V)
+    return (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
+
+
 def penalise_missing_eos(scores: torch.Tensor, contains_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """TRL's rule: a response that never emitted EOS loses `penalty` from its score."""
     if penalty is None:

@@ -94,13 +94,16 @@ def advance(params: Params, track: bool = True) -> int:
     if not (nxt / STATE_FILE).exists():
         raise StateError(f"{nxt} holds no finished update; run `dvc repro` first")
     before, after = read_state(current)["iteration"], read_state(nxt)["iteration"]
-    if after != before + 1:
+    if after == before + 1:
+        tmp = fresh_tmp_dir(current)
+        shutil.rmtree(tmp)
+        shutil.copytree(nxt, tmp)  # models/next stays, so dvc.lock keeps matching the workspace
+        replace_dir(tmp, current)
+    elif after == before and same_tree(current, nxt):
+        log(f"advance: {current} already holds iteration {after}; finishing the bookkeeping")  # resumed after a crash
+    else:
         raise StateError(f"{nxt} is iteration {after} but {current} is {before}: nothing to advance "
                          "(already advanced? run `dvc repro`)")
-    tmp = fresh_tmp_dir(current)
-    shutil.rmtree(tmp)
-    shutil.copytree(nxt, tmp)  # models/next stays, so dvc.lock keeps matching the workspace
-    replace_dir(tmp, current)
     metrics_dir = Path(params.paths.metrics)
     row: dict = {}
     for name in ("objective.json", "update.json", "eval.json"):
@@ -115,6 +118,12 @@ def advance(params: Params, track: bool = True) -> int:
         dvc("add", str(current))
     log(f"advance: {current} is now iteration {after}")
     return after
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
 
 
 def commit_iteration(params: Params, iteration: int, tag_prefix: str) -> None:

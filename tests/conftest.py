@@ -77,3 +77,16 @@ def make_project(dest: Path, params: dict, source_rows: int = 60) -> Path:
 
 def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory, tiny_policy, tiny_reward) -> Path:
+    """A tiny project after `rlhf train --iterations 1 --commit`; tests copy it instead of training again."""
+    repo = make_project(tmp_path_factory.mktemp("trained") / "repo", tiny_params(tiny_policy, tiny_reward))
+    run(["rlhf", "train", "--iterations", "1", "--commit"], repo)
+    return repo
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, symlinks=True)
+    return dest

@@ -6,14 +6,12 @@ import json
 import pytest
 import yaml
 
-from conftest import make_project, ran_stages, run, tiny_params
+from conftest import copy_repo, ran_stages, run
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_policy, tiny_reward):
-    repo = make_project(tmp_path_factory.mktemp("pipeline") / "repo", tiny_params(tiny_policy, tiny_reward))
-    run(["rlhf", "train", "--iterations", "1", "--commit"], repo)
-    return repo
+def project(tmp_path_factory, trained_repo):
+    return copy_repo(trained_repo, tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 def set_param(repo, key, value):

@@ -149,3 +149,13 @@ def test_pad_ragged():
     x, m = ppo.pad_ragged([[1.0, 2.0], [3.0], []])
     assert x.tolist() == [[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]]
     assert m.tolist() == [[1, 1], [1, 0], [0, 0]]
+
+
+def test_exact_kl_matches_naive_sum():
+    logits, ref = rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 3, 5))
+    got = ppo.kl_full(torch.tensor(logits), torch.tensor(ref)).numpy()
+    for b in range(2):
+        for t in range(3):
+            p = np.exp(logits[b, t]) / np.exp(logits[b, t]).sum()
+            q = np.exp(ref[b, t]) / np.exp(ref[b, t]).sum()
+            assert got[b, t] == pytest.approx(float((p * np.log(p / q)).sum()), abs=1e-10)
