@@ -145,6 +145,46 @@ def rm_accuracy(params: Path = ParamsOpt,
 
 
 @app.command()
+def plots(out: Path = typer.Option(Path("metrics/plots"), help="output folder"),
+          vega_cache: Path = typer.Option(Path(".cache/vega"), help="where the vega npm packages are kept"),
+          screenshots: bool = typer.Option(False, help="also write PNGs of the plots and the sample report")):
+    """Render `dvc plots show` to offline HTML; optionally screenshot it and the sample report (headless Chromium)."""
+    from stages import plots as stage
+
+    page = stage.render(out, vega_cache)
+    if screenshots:
+        stage.screenshot(page, out / "plots.png")
+        report = Path("metrics/report.html")
+        if report.exists():
+            stage.screenshot(report, out / "report.png", height=1800)
+        typer.echo(f"screenshots: {out / 'plots.png'}, {out / 'report.png'}")
+
+
+@app.command()
+def preset(name: str = typer.Argument(..., help="mission or embedded"), params: Path = ParamsOpt,
+           policy_revision: Optional[str] = typer.Option(None, help="pin the policy's hub revision"),
+           reward_revision: Optional[str] = typer.Option(None, help="pin the reward model's hub revision")):
+    """Switch params.yaml to a named configuration (comments kept); then `rlhf init --force` and `dvc repro`."""
+    from stages import presets
+
+    def go():
+        revs = {"policy_model": policy_revision, "reward_model": reward_revision}
+        presets.apply(name, params, {k: v for k, v in revs.items() if v})
+        typer.echo(f"{params}: preset {name!r} applied. The LoRA state depends on the base model, so start over with:"
+                   f"\n  rlhf init --force && dvc repro   (or: rlhf train -n N)")
+
+    _run(go)
+
+
+@app.command("params-doc")
+def params_doc(params: Path = ParamsOpt):
+    """Print the params reference (Markdown) generated from the typed params and params.yaml's comments."""
+    from stages.params_doc import render
+
+    typer.echo(render(params))
+
+
+@app.command()
 def report(params: Path = ParamsOpt):
     """LoRA trainable count and per-component memory estimate for the mission models (meta device)."""
     def go():

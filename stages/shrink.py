@@ -37,12 +37,12 @@ def copy_tokenizer(out_dir: Path) -> None:
         shutil.copy2(QWEN3_DIR / name, out_dir / name)
 
 
-def build_policy(out_dir: Path, seed: int = 0, **overrides) -> Path:
+def build_policy(out_dir: Path, seed: int = 0, torch_dtype: str = "float32", **overrides) -> Path:
     from transformers import Qwen3ForCausalLM
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(qwen3_config(QWEN3_DIR / "config.json", **overrides))
+    model = Qwen3ForCausalLM(qwen3_config(QWEN3_DIR / "config.json", **overrides)).to(getattr(torch, torch_dtype))
     model.save_pretrained(out_dir, safe_serialization=True)
     shutil.copy2(QWEN3_DIR / "generation_config.json", out_dir / "generation_config.json")
     copy_tokenizer(out_dir)

@@ -21,11 +21,12 @@ from stages.modeling import init_state
 from stages.params import Params
 from stages.schema import atomic_write_text
 
-HISTORY_COLUMNS = [
-    "iteration", "eval/reward_mean", "eval/kl_mean", "eval/length_mean", "eval/eos_rate",
-    "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/non_score_reward",
-    "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/response_length",
-    "val/num_eos_tokens", "lr",
+EVAL_COLUMNS = ["iteration", "eval/reward_mean", "eval/reward_std", "eval/kl_mean", "eval/length_mean", "eval/eos_rate"]
+# Iteration k's training row describes the update that produced it (rollout of k − 1), so it starts at 1.
+TRAIN_COLUMNS = [
+    "iteration", "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
+    "objective/non_score_reward", "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac",
+    "val/response_length", "val/num_eos_tokens", "lr",
 ]
 
 
@@ -33,22 +34,28 @@ class StateError(RuntimeError):
     pass
 
 
-def history_path(params: Params) -> Path:
-    return Path(params.paths.metrics) / "history.csv"
+def history_path(params: Params, name: str = "history.csv") -> Path:
+    return Path(params.paths.metrics) / name
 
 
-def append_history(params: Params, row: dict) -> None:
-    path = history_path(params)
+def upsert_csv(path: Path, columns: list[str], row: dict) -> None:
+    """Insert or replace the row of row["iteration"] (idempotent, so a resumed `advance` is harmless)."""
     rows = []
     if path.exists():
         rows = [r for r in csv.DictReader(path.open()) if int(r["iteration"]) != int(row["iteration"])]
-    rows.append({k: row.get(k, "") for k in HISTORY_COLUMNS})
+    rows.append({k: row.get(k, "") for k in columns})
     rows.sort(key=lambda r: int(r["iteration"]))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def append_history(params: Params, row: dict) -> None:
+    upsert_csv(history_path(params), EVAL_COLUMNS, row)
+    if "objective/scores" in row:
+        upsert_csv(history_path(params, "train_history.csv"), TRAIN_COLUMNS, row)
 
 
 def _env() -> dict:
@@ -126,28 +133,35 @@ def same_tree(a: Path, b: Path) -> bool:
     return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
 
 
-def commit_iteration(params: Params, iteration: int, tag_prefix: str) -> None:
+def commit(params: Params, message: str, tag: str | None = None) -> None:
     paths = ["dvc.lock", f"{params.paths.current}.dvc", params.paths.metrics, "params.yaml"]
     git("add", "--", *[p for p in paths if Path(p).exists()])
     git("add", "-u")
-    done = git("commit", "-m", f"PPO iteration {iteration}", check=False)
+    done = git("commit", "-m", message, check=False)
     if done.returncode != 0 and "nothing to commit" not in done.stdout:
         raise StateError(f"git commit failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
-    git("tag", "-f", f"{tag_prefix}{iteration}")
-    log(f"train: committed and tagged {tag_prefix}{iteration}")
+    if tag:
+        git("tag", "-f", tag)
+        log(f"train: committed and tagged {tag}")
 
 
-def train(params: Params, iterations: int, commit: bool, tag_prefix: str = "iter-") -> None:
+def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = "iter-") -> None:
+    """N × (dvc repro, advance). With commit_each, tag `iter-N` marks the commit right after the repro that made
+    iteration N (models/next = N, `dvc repro` there is a no-op, metrics are N's); an untagged commit follows the
+    advance. `dvc metrics diff iter-1 iter-3` then compares iterations."""
     dvc("repro", "prepare", "reward_model")
     if not (Path(params.paths.current) / STATE_FILE).exists():
         init(params)
-        if commit:
-            commit_iteration(params, 0, tag_prefix)
+        if commit_each:
+            commit(params, "PPO iteration 0 (initial state)", f"{tag_prefix}0")
     for _ in range(iterations):
         dvc("repro")
-        iteration = advance(params)
-        if commit:
-            commit_iteration(params, iteration, tag_prefix)
+        iteration = read_state(params.paths.next)["iteration"]
+        if commit_each:
+            commit(params, f"PPO iteration {iteration}", f"{tag_prefix}{iteration}")
+        advance(params)
+        if commit_each:
+            commit(params, f"advance to iteration {iteration}")
     print_summary(params)
 
 

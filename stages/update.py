@@ -232,7 +232,7 @@ def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist) 
 def write_step_curves(history: list[dict], out: Path) -> None:
     """Per-step curves in DVCLive's layout (plots/metrics/<name>.tsv with step and value), for `dvc plots`."""
     tmp = fresh_tmp_dir(out)
-    for key in history[0]:
+    for key in [k for k in history[0] if k not in ("lr", "critic_lr", "epoch")]:
         path = tmp / "plots" / "metrics" / f"{key}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
         name = key.rsplit("/", 1)[-1]

@@ -20,3 +20,20 @@ def test_hub_unreachable_fails_fast_with_one_line(tmp_path):
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "'Qwen/Qwen3-0.6B'" in lines[0], result.stderr
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.safetensors"))
+
+
+def test_mission_preset_is_one_switch_and_fails_fast_offline(tmp_path):
+    import shutil
+
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    run(["rlhf", "preset", "mission", "--policy-revision", "main"], tmp_path)
+    text = (tmp_path / "params.yaml").read_text()
+    assert "Qwen/Qwen3-0.6B" in text and "Skywork/Skywork-Reward-V2-Qwen3-8B" in text
+    assert "# LoRA rank" in text  # comments survive
+    p = yaml.safe_load(text)
+    assert p["policy_model"]["prompt_format"] == "chat" and p["reward_model"]["kind"] == "classifier"
+    assert p["data"]["source"] == "trl-lib/tldr" and p["lora"]["r"] == 32 and p["policy_model"]["revision"] == "main"
+    result = run(["rlhf", "models", "reward"], tmp_path, check=False)
+    assert result.returncode == 2 and "'Skywork/Skywork-Reward-V2-Qwen3-8B'" in result.stderr
+    run(["rlhf", "preset", "embedded"], tmp_path)
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["policy_model"]["id"].startswith("embedded:")

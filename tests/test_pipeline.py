@@ -101,3 +101,20 @@ def test_nan_advantage_aborts_update_and_writes_nothing(project):
     assert result.returncode == 2
     assert "non-finite advantages" in result.stderr.strip().splitlines()[-1]
     assert (project / "models/next/state.json").stat().st_mtime_ns == before
+
+
+def test_nan_reward_stops_advantages_and_writes_nothing(project):
+    import math
+
+    import pandas as pd
+
+    from stages.schema import write_artifact
+
+    scores = project / "data/iteration/scores.parquet"
+    out = project / "data/iteration/advantages.parquet"
+    before = out.read_bytes()
+    write_artifact(pd.DataFrame({"prompt_id": pd.read_parquet(scores)["prompt_id"],
+                                 "score": [math.nan] + [0.5] * 3}), "scores", scores)
+    result = run(["rlhf", "advantages"], project, check=False)
+    assert result.returncode == 2 and "non-finite reward" in result.stderr.strip().splitlines()[-1]
+    assert out.read_bytes() == before

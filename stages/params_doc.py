@@ -1,0 +1,68 @@
+"""`rlhf params-doc`: the params reference, generated from the typed params (types, defaults, allowed values) and
+the comments in params.yaml (descriptions)."""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from stages.params import Params
+
+
+def _constraint(field) -> str:
+    parts = []
+    for m in field.metadata:
+        for attr, sym in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                parts.append(f"{sym} {getattr(m, attr)}")
+    ann = field.annotation
+    args = typing.get_args(ann)
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal] or ([ann] if typing.get_origin(ann) is typing.Literal else [])
+    for lit in literals:
+        parts.append(" \\| ".join(str(v) for v in typing.get_args(lit)))
+    return ", ".join(parts)
+
+
+def _type(ann) -> str:
+    if typing.get_origin(ann) is typing.Literal:
+        return "choice"
+    text = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return re.sub(r"Literal\[[^\]]*\]", "choice", text).replace(" | ", " or ")
+
+
+def yaml_comments(path: Path) -> dict[str, str]:
+    """key path → trailing comment, from an indented params.yaml."""
+    out, stack = {}, []
+    for line in path.read_text().splitlines():
+        m = re.match(r"^(\s*)([A-Za-z_][\w]*):(.*)$", line)
+        if not m:
+            continue
+        depth = len(m.group(1)) // 2
+        stack = stack[:depth] + [m.group(2)]
+        if "#" in m.group(3):
+            out[".".join(stack)] = m.group(3).split("#", 1)[1].strip()
+    return out
+
+
+def render(params_file: Path) -> str:
+    comments = yaml_comments(params_file) if params_file.exists() else {}
+    lines = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            default = field.default
+            shown = "null" if default is None else ", ".join(default) if isinstance(default, tuple) else default
+            lines.append(f"| `{key}` | {_type(ann)} | `{shown}` | {_constraint(field)} | "
+                         f"{comments.get(key, '').replace('|', '/')} |")
+
+    walk(Params, "")
+    return "\n".join(lines) + "\n\nAlso checked: `rollout.batch_size` divisible by `rollout.micro_batch_size × " \
+                              "ppo.num_minibatches`; paths relative and inside the project; unknown keys rejected.\n"

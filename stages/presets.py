@@ -1,0 +1,57 @@
+"""`rlhf preset NAME`: switch params.yaml to a named configuration in one step (comments kept).
+
+`mission`: Qwen3-0.6B policy/critic/reference with LoRA r=32 on the 7 projections, Skywork-Reward-V2-Qwen3-8B
+reward (sequence classifier, its own chat template), prompts from trl-lib/tldr, bf16 everywhere.
+`embedded`: back to the CPU default (SmolLM2-135M-Instruct + MiniLM similarity, local TL;DR sample)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PRESETS: dict[str, dict] = {
+    "mission": {
+        "policy_model": {"id": "Qwen/Qwen3-0.6B", "dtype": "bfloat16", "prompt_format": "chat"},
+        "reward_model": {"id": "Skywork/Skywork-Reward-V2-Qwen3-8B", "kind": "classifier", "dtype": "bfloat16",
+                         "max_length": 4096, "token_budget": 16384},
+        "data": {"source": "trl-lib/tldr", "split": "train"},
+        "lora": {"r": 32, "alpha": 64, "dropout": 0.0},
+        "critic": {"mode": "lora", "lora_r": 32, "lora_alpha": 64},
+    },
+    "embedded": {
+        "policy_model": {"id": "embedded:smollm2-135m-instruct", "dtype": "bfloat16", "prompt_format": "raw"},
+        "reward_model": {"id": "embedded:all-minilm-l6-v2", "kind": "similarity", "dtype": "float32",
+                         "max_length": 1024, "token_budget": 8192},
+        "data": {"source": "local", "split": "validation"},
+        "lora": {"r": 32, "alpha": 64, "dropout": 0.0},
+        "critic": {"mode": "lora", "lora_r": 32, "lora_alpha": 64},
+    },
+}
+
+
+def apply(name: str, params_file: Path, revisions: dict[str, str | None] | None = None) -> dict:
+    """Merge the preset into params_file, validate the result, and write it back only if it is valid."""
+    from ruamel.yaml import YAML
+
+    from stages.params import ParamsError, parse_params
+
+    if name not in PRESETS:
+        raise ParamsError(f"preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    doc = yaml.load(params_file.read_text())
+    for section, values in PRESETS[name].items():
+        for key, value in values.items():
+            doc[section][key] = value
+    for section, rev in (revisions or {}).items():
+        doc[section]["revision"] = rev
+    import io
+
+    buf = io.StringIO()
+    yaml.dump(doc, buf)
+    import yaml as pyyaml
+
+    parse_params(pyyaml.safe_load(buf.getvalue()))  # raises before anything is written
+    from stages.schema import atomic_write_text
+
+    atomic_write_text(params_file, buf.getvalue())
+    return PRESETS[name]
