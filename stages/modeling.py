@@ -225,8 +225,7 @@ def init_state(params: Params, out_dir: Path) -> None:
     model.save_pretrained(out_dir)  # peft writes non-default adapters to out_dir/<adapter name>/
     d = hidden_size(base)
     head = nn.Linear(d, 1)
-    std = params.critic.head_init_std or 1.0 / (d + 1) ** 0.5
-    nn.init.normal_(head.weight, std=std)
+    nn.init.normal_(head.weight, std=params.critic.head_init_std)
     nn.init.zeros_(head.bias)
     save_value_head(head, out_dir / CRITIC_ADAPTER)
     if params.critic.mode == "full":

@@ -83,7 +83,9 @@ class Critic(_Section):
     mode: Literal["lora", "full"] = "lora"
     lora_r: int = Field(32, ge=1)
     lora_alpha: float = Field(64.0, gt=0)
-    head_init_std: float | None = Field(None, gt=0)  # None: 1/sqrt(hidden+1)
+    # Small on purpose: with a random head of std 1/sqrt(d) the initial values have std ~ |h|/sqrt(d) ≫ the reward's,
+    # and with λ≈1 that noise, not the score, would drive the first updates.
+    head_init_std: float = Field(1e-3, ge=0)
 
 
 class Rollout(_Section):

@@ -7,6 +7,7 @@ Anything non-finite aborts before `models/next` is touched.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from stages.modeling import (
     CRITIC_ADAPTER, POLICY_ADAPTER, Actors, Packed, critic_values, load_actors, pack, policy_logprobs, save_value_head,
 )
 from stages.params import Params
+from stages.progress import bar
 from stages.schema import check_aligned, read_artifact
 
 OPTIMIZER_DIR = "optimizer"
@@ -207,6 +209,7 @@ def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist) 
     n_groups, n_mb = len(groups), params.ppo.num_minibatches
     per_mb = n_groups // n_mb
     step = 0
+    progress = bar(params.ppo.epochs * n_mb, "update", "step", params.runtime.progress if dist.is_main else "off")
     for epoch in range(params.ppo.epochs):
         gen = torch.Generator().manual_seed(derive_seed(params.seed, "update", iteration, epoch))
         order = torch.randperm(n_groups, generator=gen).tolist()
@@ -223,9 +226,13 @@ def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist) 
                           "epoch": epoch})
             history.append(stats)
             if dist.is_main:
-                log(f"update: {where}: loss/policy {stats['loss/policy']:+.4f} loss/value {stats['loss/value']:.4f} "
-                    f"approxkl {stats['policy/approxkl']:.2e} clipfrac {stats['policy/clipfrac']:.3f}")
+                progress.write(f"update: {where}: loss/policy {stats['loss/policy']:+.4f} "
+                               f"loss/value {stats['loss/value']:.4f} approxkl {stats['policy/approxkl']:.2e} "
+                               f"clipfrac {stats['policy/clipfrac']:.3f}", file=sys.stderr)
+            progress.update(1)
+            progress.set_postfix(tok_per_s=f"{n_tokens / max(progress.format_dict['elapsed'], 1e-9) * (step + 1):.0f}")
             step += 1
+    progress.close()
     return history
 
 

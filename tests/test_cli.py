@@ -37,3 +37,9 @@ def test_mission_preset_is_one_switch_and_fails_fast_offline(tmp_path):
     assert result.returncode == 2 and "'Skywork/Skywork-Reward-V2-Qwen3-8B'" in result.stderr
     run(["rlhf", "preset", "embedded"], tmp_path)
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["policy_model"]["id"].startswith("embedded:")
+
+
+def test_readme_tables_are_the_generated_ones():
+    readme = (ROOT / "README.md").read_text()
+    assert run(["rlhf", "report"], ROOT).stdout.strip() in readme
+    assert run(["rlhf", "params-doc"], ROOT).stdout.strip() in readme

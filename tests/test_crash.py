@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BIN, ROOT, copy_repo, run
 
-POINTS = int(os.environ.get("RLHF_CRASH_POINTS", "1"))  # random kill points per stage (CI: 1)
+POINTS = int(os.environ.get("RLHF_CRASH_POINTS", "1"))  # extra random kill points per stage beyond the two fixed ranges
 
 DETERMINISTIC = {
     "rollout": ["data/iteration/rollout.parquet"],
@@ -31,20 +31,40 @@ def digest(path):
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def kill_after(cmd, cwd, delay, children_only=False):
-    """SIGKILL the command (or, under `dvc repro`, the stage's own processes) after `delay` seconds."""
+def kill_after(cmd, cwd, delay, children_only=False) -> bool:
+    """SIGKILL the command after `delay` s, or with children_only (under `dvc repro`) the stage's own processes
+    `delay` s after they start. Returns whether the kill hit a running process."""
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    hit = False
+    if children_only:  # wait for the stage's own `rlhf` process, then time the kill from its start
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline and not stage_processes(proc.pid):
+            time.sleep(0.02)
     time.sleep(delay)
     if proc.poll() is None:
         if children_only:
-            for child in psutil.Process(proc.pid).children(recursive=True):
+            targets = stage_processes(proc.pid)
+            for child in targets:
                 child.kill()
+            hit = bool(targets)
         else:
             os.killpg(proc.pid, signal.SIGKILL)
+            hit = True
     proc.wait()
-    return proc.returncode
+    return hit
+
+
+def stage_processes(pid: int) -> list:
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if any("rlhf" in part for part in child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +78,13 @@ def project(tmp_path_factory, trained_repo):
 def test_killed_stage_then_repro_matches_uninterrupted_run(project, stage):
     reference = {p: digest(project / p) for p in DETERMINISTIC[stage]}
     rng = random.Random(stage)
-    for delay in [rng.uniform(1.0, 7.0) for _ in range(POINTS)]:
+    hits = 0
+    # One point while the stage loads (imports, models), one while it computes and writes.
+    for delay in [rng.uniform(0.1, 2.0), rng.uniform(2.0, 3.5)] + [rng.uniform(0.1, 3.5) for _ in range(POINTS - 1)]:
         for p in DETERMINISTIC[stage]:  # the stage must rebuild its output, not find the old one
             target = project / p
             subprocess.run(["rm", "-rf", str(target)], check=True)
-        kill_after(["dvc", "repro", "-s", stage], project, delay, children_only=True)
+        hits += kill_after(["dvc", "repro", "-s", stage], project, delay, children_only=True)
         for p in DETERMINISTIC[stage]:  # a killed stage leaves the complete output or none
             target = project / p
             assert not target.exists() or digest(target) == reference[p], f"{stage}: partial {p} after kill"
@@ -70,6 +92,7 @@ def test_killed_stage_then_repro_matches_uninterrupted_run(project, stage):
         for p in DETERMINISTIC[stage]:
             assert digest(project / p) == reference[p], f"{stage}: {p} differs after kill at {delay:.1f}s + repro"
         assert "up to date" in run(["dvc", "status"], project).stdout
+    assert hits >= 1, f"{stage}: no kill landed while the stage ran"
 
 
 def test_killed_advance_can_be_finished(project):

@@ -30,7 +30,8 @@ def test_fresh_clone_pull_restores_every_tag_and_reruns_nothing(pushed):
     base, repo = pushed
     clone = base / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], base)
-    run(["dvc", "remote", "add", "-f", "-d", "local", "../rlhf-dvc-storage"], clone)
+    # --local (untracked .dvc/config.local): the setting survives checking out older tags
+    run(["dvc", "remote", "add", "--local", "-f", "-d", "local", str(base / "rlhf-dvc-storage")], clone)
     run(["git", "checkout", "-q", "iter-1"], clone)
     run(["dvc", "pull"], clone)
     assert state(clone / "models/next/state.json") == 1 and state(clone / "models/current/state.json") == 0
@@ -44,7 +45,8 @@ def test_fresh_clone_pull_restores_every_tag_and_reruns_nothing(pushed):
 def test_gc_keeping_tags_keeps_every_iteration(pushed):
     _, repo = pushed
     run(["dvc", "gc", "--all-tags", "--workspace", "--force"], repo)
-    for tag, folder, expected in (("iter-1", "models/next", 1), ("iter-0", "models/current", 0)):
+    for tag, target, folder, expected in (("iter-1", [], "models/next", 1),
+                                          ("iter-0", ["models/current.dvc"], "models/current", 0)):
         run(["git", "checkout", "-q", tag], repo)
-        run(["dvc", "checkout", "--force"], repo)  # from the local cache only
+        run(["dvc", "checkout", "--force", *target], repo)  # from the local cache only
         assert state(repo / folder / "state.json") == expected

@@ -1,0 +1,74 @@
+"""TRL 1.12 PPOTrainer on the benchmark's work; runs inside the separate TRL venv (see bench/compare_trl.py).
+
+Prints one JSON line: wall seconds per phase, peak RSS, generated tokens."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import pandas as pd
+import torch
+
+
+def main(cfg_path: str) -> None:
+    cfg = json.loads(open(cfg_path).read())
+    t_start = time.perf_counter()
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    import trl.experimental.ppo.ppo_trainer as ppo_module
+
+    torch.set_num_threads(cfg["threads"])
+    dtype = getattr(torch, cfg["dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg["policy"], padding_side="left")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # TRL's TL;DR example: pad ≠ EOS, no resize
+    policy = AutoModelForCausalLM.from_pretrained(cfg["policy"], dtype=dtype)
+    value = AutoModelForSequenceClassification.from_pretrained(cfg["reward"], num_labels=1, dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(cfg["reward"], num_labels=1, dtype=dtype)
+    prompts = pd.read_parquet(cfg["prompts"])["prompt_ids"].tolist()
+    dataset = Dataset.from_dict({"input_ids": [list(map(int, p)) for p in prompts]})
+    t_loaded = time.perf_counter()
+
+    gen_seconds = [0.0]
+    original = ppo_module.batch_generation
+
+    def timed_generation(*args, **kwargs):
+        t = time.perf_counter()
+        out = original(*args, **kwargs)
+        gen_seconds[0] += time.perf_counter() - t
+        return out
+
+    ppo_module.batch_generation = timed_generation
+    args = PPOConfig(
+        output_dir=cfg["out"], per_device_train_batch_size=len(prompts), gradient_accumulation_steps=1,
+        num_mini_batches=cfg["num_minibatches"], total_episodes=len(prompts), num_ppo_epochs=cfg["epochs"],
+        response_length=cfg["max_new_tokens"], temperature=cfg["temperature"], stop_token="eos",
+        local_rollout_forward_batch_size=cfg["forward_batch"], kl_coef=cfg["kl_coef"], learning_rate=cfg["lr"],
+        report_to=[], save_strategy="no", logging_strategy="no", seed=cfg["seed"], bf16=cfg["dtype"] == "bfloat16",
+        use_cpu=True, num_sample_generations=0, missing_eos_penalty=None,
+    )
+    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
+                      target_modules=cfg["targets"], task_type="CAUSAL_LM")
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
+                         value_model=value, train_dataset=dataset, peft_config=lora)
+    t_train = time.perf_counter()
+    trainer.train()
+    t_end = time.perf_counter()
+    print(json.dumps({
+        "system": "trl-1.12 PPOTrainer",
+        "load_s": t_loaded - t_start + (t_train - t_loaded),
+        "generate_s": gen_seconds[0],
+        "score_and_update_s": t_end - t_train - gen_seconds[0],
+        "total_s": t_end - t_start,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "generated_tokens": len(prompts) * cfg["max_new_tokens"],
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
