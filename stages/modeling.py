@@ -222,7 +222,7 @@ def init_state(params: Params, out_dir: Path) -> None:
     if params.critic.mode == "lora":
         c = params.critic
         model.add_adapter(CRITIC_ADAPTER, lora_config(c.lora_r, c.lora_alpha, 0.0, lora.target_modules))
-    model.save_pretrained(out_dir)  # peft writes non-default adapters to out_dir/<adapter name>/
+    save_adapters(model, out_dir)  # peft writes non-default adapters to out_dir/<adapter name>/
     d = hidden_size(base)
     head = nn.Linear(d, 1)
     nn.init.normal_(head.weight, std=params.critic.head_init_std)
@@ -231,6 +231,17 @@ def init_state(params: Params, out_dir: Path) -> None:
     if params.critic.mode == "full":
         full = load_causal_lm(base_dir, "float32", params.policy_model.trust_remote_code)
         full.get_decoder().save_pretrained(out_dir / CRITIC_ADAPTER / "backbone", safe_serialization=True)
+
+
+def save_adapters(model: nn.Module, folder: Path, adapters: list[str] | None = None) -> None:
+    """peft's save_pretrained, with adapter_config.json made byte-stable (peft writes target_modules from a set,
+    in hash order), so identical training gives identical files and DVC sees no change."""
+    model.save_pretrained(folder, selected_adapters=adapters)
+    for config_file in Path(folder).glob("*/adapter_config.json"):
+        config = json.loads(config_file.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def save_value_head(head: nn.Linear, folder: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from stages import evaluate, samples_report
@@ -149,12 +150,15 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
     """N × (dvc repro, advance). With commit_each, tag `iter-N` marks the commit right after the repro that made
     iteration N (models/next = N, `dvc repro` there is a no-op, metrics are N's); an untagged commit follows the
     advance. `dvc metrics diff iter-1 iter-3` then compares iterations."""
+    start = time.perf_counter()
     dvc("repro", "prepare", "reward_model")
     if not (Path(params.paths.current) / STATE_FILE).exists():
         init(params)
         if commit_each:
             commit(params, "PPO iteration 0 (initial state)", f"{tag_prefix}0")
+    timings = [("models, prompts, iteration 0 + its evaluation", time.perf_counter() - start)]
     for _ in range(iterations):
+        t = time.perf_counter()
         dvc("repro")
         iteration = read_state(params.paths.next)["iteration"]
         if commit_each:
@@ -162,7 +166,11 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
         advance(params)
         if commit_each:
             commit(params, f"advance to iteration {iteration}")
+        timings.append((f"iteration {iteration} (dvc repro + advance)", time.perf_counter() - t))
+        log(f"train: iteration {iteration} took {timings[-1][1]:.0f} s")
     print_summary(params)
+    print("\nwall time: " + "; ".join(f"{name} {secs:.0f} s" for name, secs in timings)
+          + f"; total {time.perf_counter() - start:.0f} s")
 
 
 def print_summary(params: Params) -> None:

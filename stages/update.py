@@ -19,7 +19,7 @@ from stages import ppo
 from stages.common import derive_seed, fresh_tmp_dir, log, read_state, replace_dir, write_json
 from stages.distributed import Dist, init_distributed
 from stages.modeling import (
-    CRITIC_ADAPTER, POLICY_ADAPTER, Actors, Packed, critic_values, load_actors, pack, policy_logprobs, save_value_head,
+    CRITIC_ADAPTER, POLICY_ADAPTER, Actors, Packed, critic_values, load_actors, pack, policy_logprobs, save_adapters, save_value_head,
 )
 from stages.params import Params
 from stages.progress import bar
@@ -260,7 +260,7 @@ def summarise(history: list[dict]) -> dict:
 
 def save_next(actors: Actors, opts, named, state: dict, steps: int, next_dir: Path) -> None:
     tmp = fresh_tmp_dir(next_dir)
-    actors.model.save_pretrained(tmp, selected_adapters=actors.adapter_names())
+    save_adapters(actors.model, tmp, actors.adapter_names())
     save_value_head(actors.value_head, tmp / CRITIC_ADAPTER)
     if actors.critic_backbone is not None:
         actors.critic_backbone.save_pretrained(tmp / CRITIC_ADAPTER / "backbone", safe_serialization=True)

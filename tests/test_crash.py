@@ -31,6 +31,22 @@ def digest(path):
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def stage_seconds(stage, cwd) -> float:
+    """How long the stage's own process runs under `dvc repro -f -s` (from its start to its exit)."""
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", stage], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    started = None
+    while proc.poll() is None:
+        if started is None and stage_processes(proc.pid):
+            started = time.time()
+        elif started is not None and not stage_processes(proc.pid):
+            break
+        time.sleep(0.02)
+    proc.wait()
+    return time.time() - (started or time.time())
+
+
 def kill_after(cmd, cwd, delay, children_only=False) -> bool:
     """SIGKILL the command after `delay` s, or with children_only (under `dvc repro`) the stage's own processes
     `delay` s after they start. Returns whether the kill hit a running process."""
@@ -79,12 +95,15 @@ def test_killed_stage_then_repro_matches_uninterrupted_run(project, stage):
     reference = {p: digest(project / p) for p in DETERMINISTIC[stage]}
     rng = random.Random(stage)
     hits = 0
-    # One point while the stage loads (imports, models), one while it computes and writes.
-    for delay in [rng.uniform(0.1, 2.0), rng.uniform(2.0, 3.5)] + [rng.uniform(0.1, 3.5) for _ in range(POINTS - 1)]:
+    duration = stage_seconds(stage, project)
+    # One point in the first half of the stage's run (imports, loading), one in the second (compute, write).
+    fractions = [rng.uniform(0.05, 0.5), rng.uniform(0.5, 0.95)] + [rng.uniform(0.05, 0.95) for _ in range(POINTS - 1)]
+    for delay in [f * duration for f in fractions]:
         for p in DETERMINISTIC[stage]:  # the stage must rebuild its output, not find the old one
             target = project / p
             subprocess.run(["rm", "-rf", str(target)], check=True)
-        hits += kill_after(["dvc", "repro", "-s", stage], project, delay, children_only=True)
+        # -f: really run the stage (DVC would otherwise restore the missing output from its cache)
+        hits += kill_after(["dvc", "repro", "-f", "-s", stage], project, delay, children_only=True)
         for p in DETERMINISTIC[stage]:  # a killed stage leaves the complete output or none
             target = project / p
             assert not target.exists() or digest(target) == reference[p], f"{stage}: partial {p} after kill"

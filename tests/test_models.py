@@ -132,3 +132,25 @@ def test_budget_batches_respect_the_token_budget():
     assert sorted(i for b in batches for i in b) == list(range(6))
     for b in batches:
         assert len(b) * max(lengths[i] for i in b) <= 600 or len(b) == 1
+
+
+def test_rm_accuracy_on_real_comparisons_with_the_shrunken_classifier(project, capsys):
+    from stages.rm_accuracy import run as rm_accuracy
+
+    report = rm_accuracy(project, ROOT / "data/tldr/comparisons-batch13-18.parquet", Path("rm.json"), limit=40)
+    assert report["pairs"] == 40 and report["comparisons"] == 1771 and report["majority_ties_dropped"] > 0
+    assert 0 <= report["ci95_low"] <= report["accuracy"] <= report["ci95_high"] <= 1
+    assert any(k.startswith("confidence_") for k in report)
+
+
+def test_majority_vote_and_wilson_interval():
+    from stages.rm_accuracy import majority_pairs, wilson_interval
+
+    df = pd.DataFrame({
+        "post_id": ["p"] * 3, "prompt": ["q"] * 3, "summary_0": ["a", "b", "a"], "summary_1": ["b", "a", "b"],
+        "chosen": ["a", "a", "b"], "confidence": [1, 7, 9], "policy_0": ["x"] * 3, "policy_1": ["y"] * 3,
+    })
+    pairs, ties = majority_pairs(df)
+    assert ties == 0 and len(pairs) == 1 and pairs.at[0, "chosen"] == "a" and pairs.at[0, "votes"] == 3
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
