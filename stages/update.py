@@ -19,7 +19,8 @@ from stages import ppo
 from stages.common import derive_seed, fresh_tmp_dir, log, read_state, replace_dir, write_json
 from stages.distributed import Dist, init_distributed
 from stages.modeling import (
-    CRITIC_ADAPTER, POLICY_ADAPTER, Actors, Packed, critic_values, load_actors, pack, policy_logprobs, save_adapters, save_value_head,
+    CRITIC_ADAPTER, POLICY_ADAPTER, Actors, Packed, critic_values, load_actors, pack, policy_logprobs, save_adapters,
+    save_value_head,
 )
 from stages.params import Params
 from stages.progress import bar
