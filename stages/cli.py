@@ -181,7 +181,7 @@ def params_doc(params: Path = ParamsOpt):
     """Print the params reference (Markdown) generated from the typed params and params.yaml's comments."""
     from stages.params_doc import render
 
-    typer.echo(render(params))
+    _run(lambda: typer.echo(render(params)))
 
 
 @app.command()

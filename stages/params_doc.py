@@ -48,21 +48,25 @@ def yaml_comments(path: Path) -> dict[str, str]:
 
 
 def render(params_file: Path) -> str:
-    comments = yaml_comments(params_file) if params_file.exists() else {}
-    lines = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+    """One row per key; the value column is params.yaml's value (the code default where the file omits a key)."""
+    from stages.params import load_params
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    comments = yaml_comments(params_file) if params_file.exists() else {}
+    values = load_params(params_file) if params_file.exists() else Params()
+    lines = ["| key | type | value | allowed | description |", "|---|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str, current) -> None:
         for name, field in model.model_fields.items():
             key = f"{prefix}{name}"
             ann = field.annotation
+            value = getattr(current, name)
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
+                walk(ann, key + ".", value)
                 continue
-            default = field.default
-            shown = "null" if default is None else ", ".join(default) if isinstance(default, tuple) else default
+            shown = "null" if value is None else ", ".join(value) if isinstance(value, tuple) else value
             lines.append(f"| `{key}` | {_type(ann)} | `{shown}` | {_constraint(field)} | "
                          f"{comments.get(key, '').replace('|', '/')} |")
 
-    walk(Params, "")
+    walk(Params, "", values)
     return "\n".join(lines) + "\n\nAlso checked: `rollout.batch_size` divisible by `rollout.micro_batch_size × " \
                               "ppo.num_minibatches`; paths relative and inside the project; unknown keys rejected.\n"
