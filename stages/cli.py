@@ -96,13 +96,14 @@ def advance(params: Path = ParamsOpt, track: bool = typer.Option(True, help="`dv
 def train(params: Path = ParamsOpt,
           iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="default: train.iterations"),
           commit: bool = typer.Option(False, help="git commit + tag each iteration (iter-N)"),
-          tag_prefix: str = typer.Option("iter-", help="tag name prefix")):
+          tag_prefix: str = typer.Option("iter-", help="tag name prefix"),
+          push: bool = typer.Option(False, help="dvc push every iteration's state to the default remote")):
     """Run N PPO iterations: dvc repro + advance, N times."""
     from stages import state as st
 
     def go():
         p = _params(params)
-        st.train(p, iterations or p.train.iterations, commit, tag_prefix)
+        st.train(p, iterations or p.train.iterations, commit, tag_prefix, push)
 
     _run(go)
 

@@ -146,7 +146,7 @@ def commit(params: Params, message: str, tag: str | None = None) -> None:
         log(f"train: committed and tagged {tag}")
 
 
-def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = "iter-") -> None:
+def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = "iter-", push: bool = False) -> None:
     """N × (dvc repro, advance). With commit_each, tag `iter-N` marks the commit right after the repro that made
     iteration N (models/next = N, `dvc repro` there is a no-op, metrics are N's); an untagged commit follows the
     advance. `dvc metrics diff iter-1 iter-3` then compares iterations."""
@@ -156,6 +156,8 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
         init(params)
         if commit_each:
             commit(params, "PPO iteration 0 (initial state)", f"{tag_prefix}0")
+        if push:
+            dvc("push", str(Path(f"{params.paths.current}.dvc")))
     timings = [("models, prompts, iteration 0 + its evaluation", time.perf_counter() - start)]
     for _ in range(iterations):
         t = time.perf_counter()
@@ -163,9 +165,13 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
         iteration = read_state(params.paths.next)["iteration"]
         if commit_each:
             commit(params, f"PPO iteration {iteration}", f"{tag_prefix}{iteration}")
+        if push:
+            dvc("push")  # this iteration's state and artifacts, while they are the workspace's
         advance(params)
         if commit_each:
             commit(params, f"advance to iteration {iteration}")
+        if push:
+            dvc("push", str(Path(f"{params.paths.current}.dvc")))
         timings.append((f"iteration {iteration} (dvc repro + advance)", time.perf_counter() - t))
         log(f"train: iteration {iteration} took {timings[-1][1]:.0f} s")
     print_summary(params)

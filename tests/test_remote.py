@@ -17,7 +17,15 @@ def pushed(tmp_path_factory, trained_repo):
     # The shipped .dvc/config points the default remote at ../rlhf-dvc-storage, a sibling of the checkout.
     run(["dvc", "remote", "add", "-f", "-d", "local", "../rlhf-dvc-storage"], repo)
     run(["git", "commit", "-qam", "remote"], repo)
-    run(["dvc", "push", "--all-commits"], repo)
+    # Push every tagged state from its own checkout (what `rlhf train --commit --push` does as it goes):
+    # `dvc push --all-commits` (dvc 3.67) skipped the older versions of the dvc-added models/current here.
+    run(["dvc", "remote", "add", "--local", "-f", "-d", "local", str(base / "rlhf-dvc-storage")], repo)
+    for tag in ("iter-0", "iter-1"):
+        run(["git", "checkout", "-q", tag], repo)
+        run(["dvc", "checkout", "--force", "models/current.dvc"], repo)
+        run(["dvc", "push"], repo, check=False)  # iter-0 has no models/next yet: push what exists
+        run(["dvc", "push", "models/current.dvc"], repo)
+    run(["git", "checkout", "-q", "-"], repo)
     assert (base / "rlhf-dvc-storage").is_dir()
     return base, repo
 
