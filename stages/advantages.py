@@ -10,7 +10,7 @@ import torch
 from stages import ppo
 from stages.common import log, write_json
 from stages.params import Params
-from stages.schema import check_aligned, read_artifact, write_artifact
+from stages.schema import read_iteration, write_artifact
 
 
 def compute(rollout: pd.DataFrame, scores: pd.DataFrame, reference: pd.DataFrame, params: Params):
@@ -57,11 +57,7 @@ def compute(rollout: pd.DataFrame, scores: pd.DataFrame, reference: pd.DataFrame
 
 def run(params: Params) -> None:
     it = Path(params.paths.iteration)
-    rollout = read_artifact(it / "rollout.parquet", "rollout")
-    scores = read_artifact(it / "scores.parquet", "scores")
-    reference = read_artifact(it / "reference.parquet", "reference")
-    check_aligned(it / "rollout.parquet", rollout, it / "scores.parquet", scores)
-    check_aligned(it / "rollout.parquet", rollout, it / "reference.parquet", reference)
+    rollout, scores, reference = read_iteration(it, ("rollout", "scores", "reference"))
     if not torch.isfinite(torch.as_tensor(scores["score"].to_numpy())).all():
         raise FloatingPointError(f"{it / 'scores.parquet'}: non-finite reward score; refusing to compute advantages")
     out, metrics = compute(rollout, scores, reference, params)

@@ -14,6 +14,7 @@ from stages.common import derive_seed, log, read_state, write_json
 from stages.modeling import contains_stop, exact_kl, generate, length_sorted_groups, load_actors, pack
 from stages.params import Params
 from stages.rewards import load_scorer
+from stages.samples_report import post_text
 from stages.schema import atomic_write_text, read_artifact
 
 
@@ -61,17 +62,13 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     return metrics, table
 
 
-def _post(query: str) -> str:
-    return query.split("POST:", 1)[-1].rsplit("TL;DR:", 1)[0].strip()
-
-
 def sample_markdown(table: pd.DataFrame, metrics: dict, rows: int) -> str:
     head = (f"# Held-out samples, iteration {metrics['iteration']}\n\n"
             f"mean reward {metrics['eval/reward_mean']:.4f} · KL {metrics['eval/kl_mean']:.3f} · "
             f"length {metrics['eval/length_mean']:.1f} · EOS rate {metrics['eval/eos_rate']:.2f}\n\n"
             "| prompt | summary | reward | reference |\n|---|---|---|---|\n")
     cell = lambda s, n: html.escape(" ".join(str(s).split()))[:n].replace("|", "\\|")  # noqa: E731
-    lines = [f"| {cell(_post(r.query), 300)} | {cell(r.summary, 300)} | {r.reward:.3f} | {cell(r.reference, 300)} |"
+    lines = [f"| {cell(post_text(r.query), 300)} | {cell(r.summary, 300)} | {r.reward:.3f} | {cell(r.reference, 300)} |"
              for r in table.head(rows).itertuples()]
     return head + "\n".join(lines) + "\n"
 

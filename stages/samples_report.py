@@ -33,7 +33,8 @@ def compare(metrics_dir: Path, iteration: int) -> pd.DataFrame:
     return now.sort_values("change", key=lambda c: c.abs(), ascending=False, na_position="last").reset_index(drop=True)
 
 
-def _post(query: str) -> str:
+def post_text(query: str) -> str:
+    """The POST part of a trl-lib TL;DR prompt."""
     return query.split("POST:", 1)[-1].rsplit("TL;DR:", 1)[0].strip()
 
 
@@ -44,7 +45,7 @@ def _fmt(x: float) -> str:
 def render_html(df: pd.DataFrame, iteration: int) -> str:
     e = lambda s: html.escape("" if s is None or (isinstance(s, float) and pd.isna(s)) else str(s))  # noqa: E731
     rows = "\n".join(
-        f"<tr><td class=post>{e(_post(r.query))[:1200]}</td><td>{e(r.summary)}</td><td class=num>{r.reward:.3f}</td>"
+        f"<tr><td class=post>{e(post_text(r.query))[:1200]}</td><td>{e(r.summary)}</td><td class=num>{r.reward:.3f}</td>"
         f"<td>{e(r.previous)}</td><td class=num>{'' if pd.isna(r.previous_reward) else f'{r.previous_reward:.3f}'}</td>"
         f"<td class=num>{_fmt(r.change)}</td><td>{e(r.reference)}</td></tr>"
         for r in df.itertuples())
@@ -67,7 +68,7 @@ def render_markdown(df: pd.DataFrame, iteration: int) -> str:
     cell = lambda s: "" if s is None or (isinstance(s, float) and pd.isna(s)) else " ".join(str(s).split()).replace("|", "\\|")[:300]  # noqa: E731
     lines = [f"# Held-out samples, iteration {iteration} (biggest reward changes first)", "",
              "| post | summary | reward | previous summary | change | reference |", "|---|---|---:|---|---:|---|"]
-    lines += [f"| {cell(_post(r.query))} | {cell(r.summary)} | {r.reward:.3f} | {cell(r.previous)} | "
+    lines += [f"| {cell(post_text(r.query))} | {cell(r.summary)} | {r.reward:.3f} | {cell(r.previous)} | "
               f"{_fmt(r.change)} | {cell(r.reference)} |" for r in df.itertuples()]
     return "\n".join(lines) + "\n"
 

@@ -173,3 +173,14 @@ def check_aligned(path_a: str | Path, a: pd.DataFrame, path_b: str | Path, b: pd
     """Two artifacts of one iteration must describe the same rows in the same order."""
     if len(a) != len(b) or not (a["prompt_id"].to_numpy() == b["prompt_id"].to_numpy()).all():
         raise ArtifactError(f"{path_b}: rows do not match {path_a} ({len(b)} vs {len(a)} rows or different order)")
+
+
+def read_iteration(folder: str | Path, kinds: tuple[str, ...]) -> list[pd.DataFrame]:
+    """Read `<folder>/<kind>.parquet` for each kind (scores → scores.parquet, ...) and check that every artifact
+    describes the same rows in the same order as the first."""
+    folder = Path(folder)
+    paths = [folder / f"{kind}.parquet" for kind in kinds]
+    frames = [read_artifact(path, kind) for path, kind in zip(paths, kinds)]
+    for path, frame in zip(paths[1:], frames[1:]):
+        check_aligned(paths[0], frames[0], path, frame)
+    return frames

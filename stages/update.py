@@ -24,7 +24,7 @@ from stages.modeling import (
 )
 from stages.params import Params
 from stages.progress import bar
-from stages.schema import check_aligned, read_artifact
+from stages.schema import read_iteration
 
 OPTIMIZER_DIR = "optimizer"
 
@@ -34,11 +34,7 @@ OPTIMIZER_DIR = "optimizer"
 
 def load_batch(params: Params) -> pd.DataFrame:
     it = Path(params.paths.iteration)
-    rollout = read_artifact(it / "rollout.parquet", "rollout")
-    reference = read_artifact(it / "reference.parquet", "reference")
-    advantages = read_artifact(it / "advantages.parquet", "advantages")
-    check_aligned(it / "rollout.parquet", rollout, it / "reference.parquet", reference)
-    check_aligned(it / "rollout.parquet", rollout, it / "advantages.parquet", advantages)
+    rollout, reference, advantages = read_iteration(it, ("rollout", "reference", "advantages"))
     df = pd.concat([rollout, reference.drop(columns="prompt_id"), advantages.drop(columns=["prompt_id", "score"])],
                    axis=1)
     for col in ("advantages", "returns", "values", "logprobs", "ref_logprobs"):

@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT, tiny_params
 from stages.modeling import (
-    Packed, init_state, load_actors, load_causal_lm, make_model_available, pack, policy_logprobs, reference_logprobs,
-    stop_token_ids, token_logprobs, length_sorted_groups,
+    init_state, load_actors, load_causal_lm, make_model_available, pack, policy_logprobs, reference_logprobs,
+    token_logprobs, length_sorted_groups,
 )
 from stages.params import parse_params
 from stages.rewards import ClassifierScorer, budget_batches, render_for_reward_model
