@@ -1,13 +1,15 @@
 """Side by side on the same work: this pipeline (every stage as its own process, model loading included) vs TRL
 1.12's PPOTrainer in its own virtual environment. Prints a table and writes metrics/bench.json.
 
-    .venv/bin/python bench/compare_trl.py --reps 3 --trl-reps 1
+    .venv/bin/python bench/compare_trl.py --reps 3 --trl-reps 3
 
 Same for both: SmolLM2-135M-Instruct policy (converted once), critic initialised from the benchmark reward model
 (SmolLM2 + a seeded score head), that reward model, the same 16 TL;DR prompts, 53 new tokens, temperature 0.7,
-top-p 1, 4 PPO epochs × 4 minibatches, LoRA r=32/α=64 on the 7 projections, fp32. Not equal by design, and said in
-the output: TRL trains its critic fully (ours: a LoRA adapter on the shared base), TRL feeds the policy's token ids
-to the reward model (ours decodes and re-tokenises; same tokenizer here, so the same ids).
+top-p 1, 4 PPO epochs × 4 minibatches, LoRA r=32/α=64 on the 7 projections, bf16 (both; --dtype float32 for fp32).
+Not equal by design, and said in the output: TRL trains its critic fully (ours: a LoRA adapter on the shared base),
+TRL feeds the policy's token ids to the reward model (ours decodes and re-tokenises; same tokenizer here, so the
+same ids). Implementation choices that differ but do the same work: ours generates in length-sorted chunks of 8
+prompts, TRL in chunks of its local_rollout_forward_batch_size (4) padded to the whole batch's longest prompt.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def setup_project(dtype: str) -> Path:
     p["policy_model"].update({"id": str(policy), "dtype": dtype})
     p["reward_model"].update({"id": str(reward), "kind": "classifier", "dtype": dtype})
     p["rollout"].update({"batch_size": 16, "max_new_tokens": 53, "temperature": 0.7, "top_p": 1.0,
-                         "micro_batch_size": 4, "generation_chunk": 16})
+                         "micro_batch_size": 4, "generation_chunk": 8})
     p["ppo"].update({"epochs": 4, "num_minibatches": 4})
     p["runtime"].update({"progress": "off"})
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
@@ -103,14 +105,18 @@ def setup_project(dtype: str) -> Path:
 def run_ours(proj: Path) -> dict:
     shutil.rmtree(proj / "data" / "iteration", ignore_errors=True)
     shutil.rmtree(proj / "models" / "next", ignore_errors=True)
-    phases, peak = {}, 0.0
-    for stage in STAGES:
+    row = {"system": "ours"}
+    for stage in STAGES:  # one process per stage, as `dvc repro` runs them
         r = timed(["rlhf", stage], proj, env())
-        phases[stage] = r["s"]
-        peak = max(peak, r["rss"])
+        row[f"{stage}_s"], row[f"{stage}_rss_gib"] = r["s"], r["rss"]
     rollout = json.loads((proj / "metrics" / "rollout.json").read_text())
-    return {"system": "ours", "total_s": sum(phases.values()), "peak_rss_gib": peak, **{f"{k}_s": v for k, v in phases.items()},
-            "generate_s": rollout["generate_seconds"], "generated_tokens_per_s": rollout["generated_tokens_per_s"]}
+    update = json.loads((proj / "metrics" / "update.json").read_text())
+    row["total_s"] = sum(row[f"{s}_s"] for s in STAGES)
+    row["peak_rss_gib"] = max(row[f"{s}_rss_gib"] for s in STAGES)
+    row.update({"generate_s": rollout["generate_seconds"], "generated_tokens": rollout["generated_tokens_per_s"] * rollout["generate_seconds"],
+                "generated_tokens_per_s": rollout["generated_tokens_per_s"],
+                "first_minibatch_ratio_max_abs_dev": update["first_minibatch/ratio_max_abs_dev"]})
+    return row
 
 
 def roofline_gflops() -> float:
@@ -131,52 +137,79 @@ def median_row(rows: list[dict]) -> dict:
             for k in rows[0]}
 
 
+def run_trl(proj: Path, dtype: str) -> dict:
+    py = setup_trl_venv()
+    out = subprocess.run([sys.executable, "-c", TIMED, str(py), str(ROOT / "bench" / "trl_ppo_anchor.py"),
+                          str(write_trl_config(proj, dtype))], capture_output=True, text=True, env=env())
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if len(lines) < 2:
+        raise SystemExit(f"TRL run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    row, outer = json.loads(lines[-2]), json.loads(lines[-1])
+    row["total_s"] = outer["s"]  # process wall time, start-up and imports included
+    row["peak_rss_gib"] = outer["rss"]
+    row["generated_tokens_per_s"] = row["generated_tokens"] / row["generate_s"]
+    return row
+
+
+def table(o: dict, t: dict, dtype: str, reps: tuple[int, int]) -> str:
+    ours_score = o["reward_s"] + o["reference_s"] + o["advantages_s"]
+    rows = [
+        ("prompt batch (ours: `sample`)", f"{o['sample_s']:.1f} s", "in load"),
+        ("start-up, imports, model loading", "in each stage", f"{t['load_s']:.1f} s"),
+        ("rollout: generate", f"{o['generate_s']:.1f} s", f"{t['generate_s']:.1f} s"),
+        ("rollout stage total (start-up, load, generate, log-probs)", f"{o['rollout_s']:.1f} s", ""),
+        ("reward + reference/values + advantages (3 stages)", f"{ours_score:.1f} s",
+         f"{t['score_and_update_s']:.1f} s (scoring and update together)"),
+        ("PPO update, 4 epochs × 4 minibatches (stage total)", f"{o['update_s']:.1f} s", "↑"),
+        ("**total wall, one iteration**", f"**{o['total_s']:.1f} s**", f"**{t['total_s']:.1f} s**"),
+        ("**peak RSS**", f"**{o['peak_rss_gib']:.2f} GiB** (update stage)", f"**{t['peak_rss_gib']:.2f} GiB**"),
+        ("generated tokens/s", f"{o['generated_tokens_per_s']:.1f}", f"{t['generated_tokens_per_s']:.1f}"),
+    ]
+    head = f"| phase ({dtype}, medians of {reps[0]} / {reps[1]} runs) | ours | TRL 1.12 PPOTrainer |\n|---|---:|---:|\n"
+    return head + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+
+
+NOT_EQUAL = ("not equal by design: TRL trains a full critic (ours: a LoRA adapter on the shared base, as in the "
+             "product); TRL pads every prompt to the batch's longest, ours packs length-sorted micro-batches; ours "
+             "recomputes log-probs after sampling (so the first PPO minibatch has ratio exactly 1), TRL takes them "
+             "from the sampling logits; ours counts each stage's process start-up and model loading, TRL one process")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--trl-reps", type=int, default=1)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--trl-reps", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     proj = setup_project(args.dtype)
-    ours = [run_ours(proj) for _ in range(args.reps)]
-    py = setup_trl_venv()
-    trl_rows = []
-    for _ in range(args.trl_reps):
-        out = subprocess.run([sys.executable, "-c", TIMED, str(py), str(ROOT / "bench" / "trl_ppo_anchor.py"),
-                              str(write_trl_config(proj, args.dtype))], capture_output=True, text=True, env=env())
-        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-        if len(lines) < 2:
-            raise SystemExit(f"TRL run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        row, outer = json.loads(lines[-2]), json.loads(lines[-1])
-        row["total_s"] = outer["s"]  # process wall time, start-up and imports included
-        row["peak_rss_gib"] = outer["rss"]
-        trl_rows.append(row)
+    ours, trl_rows = [], []
+    for i in range(max(args.reps, args.trl_reps)):  # interleaved, so drift in machine speed hits both alike
+        if i < args.reps:
+            ours.append(run_ours(proj))
+            print(f"ours run {i + 1}: {ours[-1]['total_s']:.1f} s, {ours[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+        if i < args.trl_reps:
+            trl_rows.append(run_trl(proj, args.dtype))
+            print(f"TRL run {i + 1}: {trl_rows[-1]['total_s']:.1f} s, {trl_rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
     o, t = median_row(ours), median_row(trl_rows)
     roof = roofline_gflops()
     params_135m = 134.5e6
     decode_gflops = o["generated_tokens_per_s"] * 2 * params_135m / 1e9
-    trl_tps = t["generated_tokens"] / t["generate_s"]
     result = {"dtype": args.dtype, "reps_ours": args.reps, "reps_trl": args.trl_reps, "ours": o, "trl": t,
+              "ours_runs": ours, "trl_runs": trl_rows,
               "ratio_total": o["total_s"] / t["total_s"], "ratio_peak_rss": o["peak_rss_gib"] / t["peak_rss_gib"],
               "bf16_matmul_roofline_gflops": roof, "ours_decode_gflops": decode_gflops,
-              "ours_decode_fraction_of_roofline": decode_gflops / roof, "trl_generated_tokens_per_s": trl_tps}
+              "ours_decode_fraction_of_roofline": decode_gflops / roof, "not_equal": NOT_EQUAL}
+    text = table(o, t, args.dtype, (args.reps, args.trl_reps))
+    text += (f"\n\nours/TRL: total wall {result['ratio_total']:.2f}×, peak RSS {result['ratio_peak_rss']:.2f}× "
+             f"(targets ≤ 0.5×); first-minibatch |ratio−1| in ours: {o['first_minibatch_ratio_max_abs_dev']:.1e}\n"
+             f"decode: {decode_gflops:.1f} GFLOP/s (2 × 134.5 M params × tokens/s) of a {roof:.0f} GFLOP/s bf16 matmul "
+             f"roofline measured here ({100 * result['ours_decode_fraction_of_roofline']:.1f}%): sampling 8 sequences "
+             "at a time is bound by per-step overhead and weight traffic, not FLOPs\n" + NOT_EQUAL + "\n")
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(result, indent=2))
-    print(f"\n| phase | ours ({args.dtype}) | TRL 1.12 |\n|---|---:|---:|")
-    print(f"| load + generate (rollout) | {o['sample_s'] + o['rollout_s']:.1f} s | gen {t['generate_s']:.1f} s |")
-    print(f"| reward + reference + advantages | {o['reward_s'] + o['reference_s'] + o['advantages_s']:.1f} s | |")
-    print(f"| update | {o['update_s']:.1f} s | score+update {t['score_and_update_s']:.1f} s |")
-    print(f"| **total wall (one iteration)** | **{o['total_s']:.1f} s** | **{t['total_s']:.1f} s** |")
-    print(f"| peak RSS | {o['peak_rss_gib']:.2f} GiB | {t['peak_rss_gib']:.2f} GiB |")
-    print(f"| generated tokens/s | {o['generated_tokens_per_s']:.1f} | {trl_tps:.1f} |")
-    print(f"\nours/TRL: total {result['ratio_total']:.2f}×, peak RSS {result['ratio_peak_rss']:.2f}×; medians of "
-          f"{args.reps} (ours) and {args.trl_reps} (TRL) runs")
-    print(f"decode: {decode_gflops:.1f} GFLOP/s of a {roof:.0f} GFLOP/s bf16 matmul roofline "
-          f"({100 * result['ours_decode_fraction_of_roofline']:.1f}%): small-batch decoding is bound by per-step "
-          "overhead and memory traffic, not FLOPs")
-    print("not equal by design: TRL trains a full critic (ours: LoRA critic on the shared base); TRL reports "
-          "generation inside train(), ours per stage process with start-up and model loading included")
+    (ROOT / "metrics" / "bench.md").write_text(text)
+    print("\n" + text)
 
 
 def write_trl_config(proj: Path, dtype: str) -> Path:

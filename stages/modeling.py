@@ -8,6 +8,7 @@ full-vocabulary logits are never materialised for the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -133,8 +134,11 @@ def load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(name, **kw)
 
 
-def _from_pretrained(cls, model_dir: Path, dtype: str, trust_remote_code: bool, **extra):
+def _from_pretrained(cls, model_dir: Path, dtype: str, trust_remote_code: bool, attention: str | None = None,
+                     **extra):
     name, kw = _pretrained_args(model_dir)
+    if attention:
+        kw["attn_implementation"] = attention
     try:
         model = cls.from_pretrained(
             name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True, **kw, **extra
@@ -145,10 +149,10 @@ def _from_pretrained(cls, model_dir: Path, dtype: str, trust_remote_code: bool, 
     return model
 
 
-def load_causal_lm(model_dir: Path, dtype: str, trust_remote_code: bool = False):
+def load_causal_lm(model_dir: Path, dtype: str, trust_remote_code: bool = False, attention: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM, model_dir, dtype, trust_remote_code).eval()
+    return _from_pretrained(AutoModelForCausalLM, model_dir, dtype, trust_remote_code, attention).eval()
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -188,6 +192,21 @@ class Actors:
     reference: nn.Module | None  # only when policy_model.reference names a separate model
     stop_ids: list[int]
     trainable: bool
+    autocast_dtype: torch.dtype | None = None  # bf16 base: LoRA/critic weights stay fp32, their matmuls run in bf16
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The numeric context of every forward pass. With a bf16 base, peft would cast each projection's input to
+        the fp32 adapter dtype (an fp32 LoRA matmul plus two full-activation copies per projection); under autocast
+        the adapters' fp32 master weights are cast to bf16 per call instead, and gradients still reach them in fp32.
+        Rollout, reference and update all run inside it, so the first-minibatch ratio stays exactly 1."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        from peft.helpers import disable_input_dtype_casting
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast("cpu", dtype=self.autocast_dtype))
+        stack.enter_context(disable_input_dtype_casting(self.model))
+        return stack
 
     def use(self, adapter: str) -> None:
         self.model.set_adapter(adapter)
@@ -266,7 +285,7 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
     pm = params.policy_model
     base_dir = Path(params.paths.policy_model)
     tokenizer = load_tokenizer(base_dir)
-    base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code)
+    base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code, pm.attention)
     model = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
                                       is_trainable=trainable, autocast_adapter_dtype=True)
     critic_backbone = None
@@ -275,12 +294,15 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
     elif with_critic:
         from transformers import AutoModel
 
-        critic_backbone = _from_pretrained(AutoModel, state_dir / CRITIC_ADAPTER / "backbone", pm.dtype, False)
+        critic_backbone = _from_pretrained(AutoModel, state_dir / CRITIC_ADAPTER / "backbone", pm.dtype, False,
+                                           pm.attention)
         critic_backbone.train(False).requires_grad_(trainable)
     head = load_value_head(state_dir / CRITIC_ADAPTER, hidden_size(base)).requires_grad_(trainable)
-    reference = load_causal_lm(Path(pm.reference), pm.dtype, pm.trust_remote_code) if pm.reference else None
+    reference = load_causal_lm(Path(pm.reference), pm.dtype, pm.trust_remote_code, pm.attention) if pm.reference else None
     model.eval()  # dropout is off; train() only matters if lora.dropout > 0
-    actors = Actors(model, tokenizer, head, critic_backbone, reference, stop_token_ids(tokenizer, base_dir), trainable)
+    autocast = torch.bfloat16 if pm.dtype == "bfloat16" else None
+    actors = Actors(model, tokenizer, head, critic_backbone, reference, stop_token_ids(tokenizer, base_dir), trainable,
+                    autocast)
     actors.use(POLICY_ADAPTER)
     return actors
 
@@ -332,7 +354,7 @@ def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     out = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                    position_ids=packed.position_ids, use_cache=False)
     P, R = packed.prompt_width, packed.response_ids.shape[1]
-    return out.last_hidden_state[:, P - 1:P + R - 1]  # (b, R, d): the state that predicts response token t
+    return out.last_hidden_state[:, P - 1:P + R - 1]  # (b, R, d): the state that predicts token t
 
 
 def response_logits(causal_lm: nn.Module, packed: Packed, temperature: float) -> torch.Tensor:
@@ -353,7 +375,8 @@ def token_logprobs(causal_lm: nn.Module, packed: Packed, temperature: float) -> 
 
 def policy_logprobs(actors: Actors, packed: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     actors.use(POLICY_ADAPTER)
-    return token_logprobs(actors.model.get_base_model(), packed, temperature)
+    with actors.compute():
+        return token_logprobs(actors.model.get_base_model(), packed, temperature)
 
 
 def exact_kl(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
@@ -361,30 +384,33 @@ def exact_kl(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor
     from stages.ppo import kl_full
 
     actors.use(POLICY_ADAPTER)
-    logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
-    if actors.reference is not None:
-        ref_logits = response_logits(actors.reference, packed, temperature)
-    else:
-        with actors.model.disable_adapter():
-            ref_logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
+    with actors.compute():
+        logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
+        if actors.reference is not None:
+            ref_logits = response_logits(actors.reference, packed, temperature)
+        else:
+            with actors.model.disable_adapter():
+                ref_logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
     return kl_full(logits, ref_logits) * packed.response_mask
 
 
 def reference_logprobs(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
-    if actors.reference is not None:
-        return token_logprobs(actors.reference, packed, temperature)[0]
-    with actors.model.disable_adapter():
-        return token_logprobs(actors.model.get_base_model(), packed, temperature)[0]
+    with actors.compute():
+        if actors.reference is not None:
+            return token_logprobs(actors.reference, packed, temperature)[0]
+        with actors.model.disable_adapter():
+            return token_logprobs(actors.model.get_base_model(), packed, temperature)[0]
 
 
 def critic_values(actors: Actors, packed: Packed) -> torch.Tensor:
-    if actors.critic_backbone is not None:
-        h = response_hidden(actors.critic_backbone, packed)
-    else:
-        actors.use(CRITIC_ADAPTER)
-        h = response_hidden(actors.model.get_base_model().get_decoder(), packed)
-        actors.use(POLICY_ADAPTER)
-    return actors.value_head(h.float()).squeeze(-1) * packed.response_mask  # (b, R)
+    with actors.compute():
+        if actors.critic_backbone is not None:
+            h = response_hidden(actors.critic_backbone, packed)
+        else:
+            actors.use(CRITIC_ADAPTER)
+            h = response_hidden(actors.model.get_base_model().get_decoder(), packed)
+            actors.use(POLICY_ADAPTER)
+    return actors.value_head(h.float()).squeeze(-1) * packed.response_mask  # (b, R): the head stays fp32
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -396,8 +422,8 @@ def generate(
 ) -> list[list[int]]:
     """Sample responses; each is cut right after its first stop token (nothing after it is kept).
 
-    Prompts are generated in chunks of `chunk_size`, chunk c seeded by (seed, c): the result does not depend on how
-    many processes share the chunks."""
+    Prompts are generated in length-sorted chunks of `chunk_size`, chunk c seeded by (seed, c): the result does not
+    depend on how many processes share the chunks."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
     from stages.progress import bar, token_ticker
@@ -409,7 +435,9 @@ def generate(
     config = GenerationConfig(do_sample=not greedy, **sampling, max_new_tokens=max_new_tokens,
                               eos_token_id=actors.stop_ids, pad_token_id=pad)
     stops = set(actors.stop_ids)
-    chunks = [list(range(s, min(s + chunk_size, len(prompts)))) for s in range(0, len(prompts), chunk_size)]
+    # Length-sorted chunks: a chunk is left-padded to its longest prompt, so similar lengths waste less prefill.
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    chunks = [order[s:s + chunk_size] for s in range(0, len(order), chunk_size)]
     mine = dist.mine(list(enumerate(chunks)))
     ticks = bar(sum(len(rows) for _, rows in mine) * max_new_tokens, "generate", "tok", progress)
     local: dict[int, list[int]] = {}
@@ -419,7 +447,7 @@ def generate(
         ids, attn = packed.input_ids[:, :P].clone(), packed.attention_mask[:, :P]
         ids[attn == 0] = pad
         torch.manual_seed(derive_seed(seed, "chunk", c))
-        with torch.no_grad():
+        with torch.no_grad(), actors.compute():
             out = actors.model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
                                         stopping_criteria=StoppingCriteriaList([token_ticker(ticks)]))
         for i, row in zip(rows, out[:, P:].tolist()):

@@ -57,7 +57,7 @@ class SimilarityScorer:
         from transformers import AutoModel
 
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = _from_pretrained(AutoModel, model_dir, cfg.dtype, cfg.trust_remote_code).eval()
+        self.model = _from_pretrained(AutoModel, model_dir, cfg.dtype, cfg.trust_remote_code, cfg.attention).eval()
         self.cfg = cfg
 
     def embed(self, texts: Sequence[str], dist: Dist = Dist()) -> torch.Tensor:
@@ -98,7 +98,7 @@ class ClassifierScorer:
 
         self.tokenizer = load_tokenizer(model_dir)
         self.model = _from_pretrained(AutoModelForSequenceClassification, model_dir, cfg.dtype,
-                                      cfg.trust_remote_code, num_labels=1).eval()
+                                      cfg.trust_remote_code, cfg.attention, num_labels=1).eval()
         self.cfg = cfg
 
     def encode(self, query: str, response: str) -> list[int]:
