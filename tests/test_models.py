@@ -154,3 +154,32 @@ def test_majority_vote_and_wilson_interval():
     assert ties == 0 and len(pairs) == 1 and pairs.at[0, "chosen"] == "a" and pairs.at[0, "votes"] == 3
     lo, hi = wilson_interval(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+
+
+def test_bf16_base_trains_fp32_adapters_under_autocast(project, tiny_policy, tiny_reward):
+    """bf16 base: adapters, value head and their gradients stay fp32, the adapter matmuls run in bf16, and the
+    numbers agree with an all-fp32 model to bf16 accuracy. peft's input casting is back on after each pass."""
+    bf16 = parse_params(tiny_params(tiny_policy, tiny_reward, policy_model={"dtype": "bfloat16"}))
+    a16, a32 = (load_actors(p, Path("state"), trainable=True) for p in (bf16, project))
+    for actors in (a16, a32):
+        perturb_adapter(actors)
+    prompts, responses = prompts_and_responses(a16.tokenizer)
+    packed = pack(prompts, responses)
+    seen = []
+    lora_a = next(m for n, m in a16.model.named_modules() if n.endswith("lora_A.policy"))
+    lora_a.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    lp16, _ = policy_logprobs(a16, packed, 0.7)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}  # no fp32 copy of the activations
+    with torch.no_grad():
+        lp32, _ = policy_logprobs(a32, packed, 0.7)
+    m = packed.response_mask.bool()
+    err = (lp16 - lp32).abs()[m]
+    assert 0 < err.mean() < 0.05, err  # really bf16, and still the same model
+    lp16.sum().backward()
+    lora = {n: p for n, p in a16.model.named_parameters() if "lora_" in n and ".policy." in n}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    grads = [p.grad for n, p in lora.items() if "lora_B" in n]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert next(a16.model.get_base_model().parameters()).dtype == torch.bfloat16
+    assert all(getattr(mod, "cast_input_dtype_enabled", True) for mod in a16.model.modules())
