@@ -354,7 +354,9 @@ def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     out = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                    position_ids=packed.position_ids, use_cache=False)
     P, R = packed.prompt_width, packed.response_ids.shape[1]
-    return out.last_hidden_state[:, P - 1:P + R - 1]  # (b, R, d): the state that predicts token t
+    # Contiguous, so the LM head is one (b·R, d) GEMM; a strided 3-D input makes matmul copy the (V, d) head
+    # weight once per row instead (226 MB per micro-batch for SmolLM2, the largest copy in the update).
+    return out.last_hidden_state[:, P - 1:P + R - 1].contiguous()  # (b, R, d): the state that predicts token t
 
 
 def response_logits(causal_lm: nn.Module, packed: Packed, temperature: float) -> torch.Tensor:

@@ -16,8 +16,10 @@ def torchrun(stage: str, cwd):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_policy, tiny_reward):
     d = tmp_path_factory.mktemp("ddp")
+    # One thread per process in both runs, as torchrun gives each worker: BLAS results may depend on the thread
+    # count (different blocking), which is a property of the kernels, not of how the work is sharded.
     p = tiny_params(tiny_policy, tiny_reward, rollout={"batch_size": 8, "micro_batch_size": 2, "generation_chunk": 4},
-                    ppo={"epochs": 2, "num_minibatches": 2})
+                    ppo={"epochs": 2, "num_minibatches": 2}, runtime={"threads": 1})
     (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     (d / "data").mkdir()
     shutil.copytree(ROOT / "data/tldr", d / "data/tldr")
