@@ -113,8 +113,8 @@ def run_ours(proj: Path) -> dict:
     update = json.loads((proj / "metrics" / "update.json").read_text())
     row["total_s"] = sum(row[f"{s}_s"] for s in STAGES)
     row["peak_rss_gib"] = max(row[f"{s}_rss_gib"] for s in STAGES)
-    row.update({"generate_s": rollout["generate_seconds"], "generated_tokens": rollout["generated_tokens_per_s"] * rollout["generate_seconds"],
-                "generated_tokens_per_s": rollout["generated_tokens_per_s"],
+    row["peak_rss_stage"] = max(STAGES, key=lambda s: row[f"{s}_rss_gib"])
+    row.update({"generate_s": rollout["generate_seconds"], "generated_tokens_per_s": rollout["generated_tokens_per_s"],
                 "first_minibatch_ratio_max_abs_dev": update["first_minibatch/ratio_max_abs_dev"]})
     return row
 
@@ -162,7 +162,7 @@ def table(o: dict, t: dict, dtype: str, reps: tuple[int, int]) -> str:
          f"{t['score_and_update_s']:.1f} s (scoring and update together)"),
         ("PPO update, 4 epochs × 4 minibatches (stage total)", f"{o['update_s']:.1f} s", "↑"),
         ("**total wall, one iteration**", f"**{o['total_s']:.1f} s**", f"**{t['total_s']:.1f} s**"),
-        ("**peak RSS**", f"**{o['peak_rss_gib']:.2f} GiB** (update stage)", f"**{t['peak_rss_gib']:.2f} GiB**"),
+        ("**peak RSS**", f"**{o['peak_rss_gib']:.2f} GiB** ({o['peak_rss_stage']} stage)", f"**{t['peak_rss_gib']:.2f} GiB**"),
         ("generated tokens/s", f"{o['generated_tokens_per_s']:.1f}", f"{t['generated_tokens_per_s']:.1f}"),
     ]
     head = f"| phase ({dtype}, medians of {reps[0]} / {reps[1]} runs) | ours | TRL 1.12 PPOTrainer |\n|---|---:|---:|\n"
