@@ -91,7 +91,7 @@ def setup_project(dtype: str) -> Path:
         sh([sys.executable, "-c", code])
     p = yaml.safe_load((proj / "params.yaml").read_text())
     p["policy_model"].update({"id": str(policy), "dtype": dtype})
-    p["reward_model"].update({"id": str(reward), "kind": "classifier", "dtype": dtype})
+    p["reward_model"].update({"id": str(reward), "kind": "classifier", "dtype": dtype, "attention": "chunked"})
     p["rollout"].update({"batch_size": 16, "max_new_tokens": 53, "temperature": 0.7, "top_p": 1.0,
                          "micro_batch_size": 4, "generation_chunk": 8})
     p["ppo"].update({"epochs": 4, "num_minibatches": 4})

@@ -137,6 +137,10 @@ def load_tokenizer(model_dir: Path):
 def _from_pretrained(cls, model_dir: Path, dtype: str, trust_remote_code: bool, attention: str | None = None,
                      **extra):
     name, kw = _pretrained_args(model_dir)
+    if attention == "chunked":
+        from stages.attention import register
+
+        register()
     if attention:
         kw["attn_implementation"] = attention
     try:
@@ -153,6 +157,11 @@ def load_causal_lm(model_dir: Path, dtype: str, trust_remote_code: bool = False,
     from transformers import AutoModelForCausalLM
 
     return _from_pretrained(AutoModelForCausalLM, model_dir, dtype, trust_remote_code, attention).eval()
+
+
+def is_causal(model: nn.Module) -> bool:
+    """Decoder-only models mark their attention modules causal; encoders (MiniLM) do not."""
+    return any(getattr(m, "is_causal", False) for m in model.modules())
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -312,33 +321,46 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
 
 @dataclass
 class Packed:
-    """One micro-batch: prompts left-padded to P, responses right-padded to R; response slice is [P, P+R)."""
+    """One micro-batch, right-padded: row i is [prompt_i, response_i, pad…]. Under a causal mask the trailing pads
+    never reach a real token, so causal models run it with no padding mask (one unpadded causal attention)."""
 
-    input_ids: torch.Tensor  # (b, P+R)
-    attention_mask: torch.Tensor  # (b, P+R)
-    position_ids: torch.Tensor  # (b, P+R)
+    input_ids: torch.Tensor  # (b, L)
+    attention_mask: torch.Tensor  # (b, L): 1 on real tokens (for non-causal models and checks)
     response_ids: torch.Tensor  # (b, R)
     response_mask: torch.Tensor  # (b, R) float
-    prompt_width: int
+    response_index: torch.Tensor  # (b, R): position whose hidden state predicts response token t
 
 
 def pack(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> Packed:
-    """Pad with id 0 under a zero attention mask: the pad id never enters a mask, so pad == EOS is harmless."""
+    """Pad with id 0 after the sequence: the pad id is never attended to, so pad == EOS is harmless."""
     b = len(prompt_ids)
-    P = max(len(p) for p in prompt_ids)
+    L = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
     R = max(1, max(len(r) for r in response_ids))
-    input_ids = torch.zeros((b, P + R), dtype=torch.long)
-    attention = torch.zeros((b, P + R), dtype=torch.long)
+    input_ids = torch.zeros((b, L), dtype=torch.long)
+    attention = torch.zeros((b, L), dtype=torch.long)
+    responses = torch.zeros((b, R), dtype=torch.long)
+    response_mask = torch.zeros((b, R))
+    index = torch.zeros((b, R), dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        input_ids[i, P - len(p):P] = torch.as_tensor(list(p), dtype=torch.long)
-        attention[i, P - len(p):P] = 1
-        if len(r):
-            input_ids[i, P:P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-            attention[i, P:P + len(r)] = 1
-    # generate() numbers positions from the first real token; forward passes must agree with it.
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)  # (b, P+R)
-    response_mask = attention[:, P:].float()  # (b, R)
-    return Packed(input_ids, attention, position_ids, input_ids[:, P:], response_mask, P)
+        row = [*p, *r]
+        input_ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        attention[i, :len(row)] = 1
+        responses[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        response_mask[i, :len(r)] = 1
+        index[i] = (torch.arange(R) + len(p) - 1).clamp(max=L - 1)  # padded t: any valid index, masked later
+    return Packed(input_ids, attention, responses, response_mask, index)
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded for generate(): (b, P) ids and attention mask."""
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if len(p):
+            ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, P - len(p):] = 1
+    return ids, mask
 
 
 def length_sorted_groups(lengths: Sequence[int], group_size: int) -> list[int]:
@@ -351,12 +373,14 @@ def length_sorted_groups(lengths: Sequence[int], group_size: int) -> list[int]:
 
 
 def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
-    out = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                   position_ids=packed.position_ids, use_cache=False)
-    P, R = packed.prompt_width, packed.response_ids.shape[1]
-    # Contiguous, so the LM head is one (b·R, d) GEMM; a strided 3-D input makes matmul copy the (V, d) head
-    # weight once per row instead (226 MB per micro-batch for SmolLM2, the largest copy in the update).
-    return out.last_hidden_state[:, P - 1:P + R - 1].contiguous()  # (b, R, d): the state that predicts token t
+    # No attention mask and default positions 0..L-1: exact for every real token of a right-padded causal batch,
+    # and it lets attention run unmasked-causal (see stages/attention.py).
+    out = backbone(input_ids=packed.input_ids, use_cache=False)
+    h = out.last_hidden_state  # (b, L, d)
+    idx = packed.response_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # (b, R, d)
+    # Gathered into a contiguous (b, R, d): the LM head is then one (b·R, d) GEMM (a strided input makes matmul
+    # copy the (V, d) head weight once per row).
+    return torch.gather(h, 1, idx)  # (b, R, d): the state that predicts token t
 
 
 def response_logits(causal_lm: nn.Module, packed: Packed, temperature: float) -> torch.Tensor:
@@ -444,12 +468,10 @@ def generate(
     ticks = bar(sum(len(rows) for _, rows in mine) * max_new_tokens, "generate", "tok", progress)
     local: dict[int, list[int]] = {}
     for c, rows in mine:
-        packed = pack([prompts[i] for i in rows], [[] for _ in rows])
-        P = packed.prompt_width
-        ids, attn = packed.input_ids[:, :P].clone(), packed.attention_mask[:, :P]
-        ids[attn == 0] = pad
+        ids, attn = left_pad([prompts[i] for i in rows], pad)
+        P = ids.shape[1]
         torch.manual_seed(derive_seed(seed, "chunk", c))
-        with torch.no_grad(), actors.compute():
+        with torch.no_grad(), merged_policy(actors), actors.compute():
             out = actors.model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
                                         stopping_criteria=StoppingCriteriaList([token_ticker(ticks)]))
         for i, row in zip(rows, out[:, P:].tolist()):
@@ -458,6 +480,30 @@ def generate(
     ticks.close()
     merged = dist.merge(local)
     return [merged[i] for i in range(len(prompts))]
+
+
+@contextlib.contextmanager
+def merged_policy(actors: Actors):
+    """The policy adapter folded into the base weights, W' = W + (α/r)·BA in the base dtype, for sampling: one GEMM
+    per projection per decode step instead of three plus the adapter casts. The original weight tensors are put
+    back afterwards (no subtract-back rounding), so every log-prob pass still sees the exact unmerged policy; the
+    sampler's distribution differs from it only by rounding, and the recomputed log-probs are what PPO uses."""
+    from peft.tuners.lora import LoraLayer
+
+    saved = []
+    try:
+        with torch.no_grad():
+            for module in actors.model.modules():
+                if isinstance(module, LoraLayer) and POLICY_ADAPTER in module.lora_A:
+                    base = module.get_base_layer()
+                    delta = module.get_delta_weight(POLICY_ADAPTER)  # (out, in), scaled, adapter dtype
+                    saved.append((base, base.weight.data))
+                    base.weight.data = (base.weight.data.float() + delta.float()).to(base.weight.dtype)
+        with actors.model.disable_adapter():
+            yield
+    finally:
+        for base, weight in saved:
+            base.weight.data = weight
 
 
 def contains_stop(response: Sequence[int], stop_ids: Sequence[int]) -> bool:

@@ -50,8 +50,8 @@ class PolicyModel(_Section):
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     trust_remote_code: bool = False
     prompt_format: Literal["raw", "chat"] = "raw"
-    # sdpa: leanest and fastest here once sequences pass ~400 tokens; eager wins only on short micro-batches
-    attention: Literal["eager", "sdpa"] = "sdpa"
+    # chunked: our causal attention for the unpadded training/scoring passes (stages/attention.py), SDPA elsewhere
+    attention: Literal["chunked", "sdpa", "eager"] = "chunked"
     # A separate frozen reference model; null means "the policy with its LoRA adapter disabled".
     reference: str | None = None
 
@@ -62,7 +62,7 @@ class RewardModel(_Section):
     kind: Literal["similarity", "classifier"] = "similarity"
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
-    attention: Literal["eager", "sdpa"] = "sdpa"
+    attention: Literal["chunked", "sdpa", "eager"] = "sdpa"  # chunked only helps causal (decoder) reward models
     max_length: int = Field(1024, ge=16)
     token_budget: int = Field(8192, ge=16)
 

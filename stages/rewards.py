@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from stages.distributed import Dist
-from stages.modeling import _from_pretrained, load_tokenizer
+from stages.modeling import _from_pretrained, is_causal, load_tokenizer
 from stages.params import RewardModel
 
 
@@ -100,6 +100,7 @@ class ClassifierScorer:
         self.model = _from_pretrained(AutoModelForSequenceClassification, model_dir, cfg.dtype,
                                       cfg.trust_remote_code, cfg.attention, num_labels=1).eval()
         self.cfg = cfg
+        self.causal = is_causal(self.model)
 
     def encode(self, query: str, response: str) -> list[int]:
         text = render_for_reward_model(self.tokenizer, query, response)
@@ -114,7 +115,8 @@ class ClassifierScorer:
         for batch in dist.mine(budget_batches([len(r) for r in rows], self.cfg.token_budget)):
             ids, mask = _pad_right([rows[i] for i in batch])
             with torch.no_grad():
-                h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, L, d)
+                # A causal RM never lets a trailing pad reach a real token: no mask, so attention runs unpadded.
+                h = backbone(input_ids=ids, attention_mask=None if self.causal else mask).last_hidden_state  # (b, L, d)
                 last = mask.sum(1) - 1  # (b,) right padding: last real token, whatever the pad id is
                 h_last = h[torch.arange(len(batch)), last]  # (b, d)
                 logits = self.model.score(h_last)  # (b, num_labels)

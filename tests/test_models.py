@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT, tiny_params
 from stages.modeling import (
-    init_state, load_actors, load_causal_lm, make_model_available, pack, policy_logprobs, reference_logprobs,
-    token_logprobs, length_sorted_groups,
+    init_state, load_actors, load_causal_lm, make_model_available, merged_policy, pack, policy_logprobs,
+    reference_logprobs, token_logprobs, length_sorted_groups,
 )
 from stages.params import parse_params
 from stages.rewards import ClassifierScorer, budget_batches, render_for_reward_model
@@ -49,12 +49,13 @@ def test_qwen3_tokenizer_and_stop_tokens(project):
     assert tok.pad_token_id == 151643 and tok.bos_token is None
 
 
-def test_pack_positions_follow_the_first_real_token():
+def test_pack_right_pads_and_indexes_the_predicting_positions():
     p = pack([[5, 6, 7], [8]], [[1, 2], [3]])
-    assert p.input_ids.tolist() == [[5, 6, 7, 1, 2], [0, 0, 8, 3, 0]]
-    assert p.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 0]]
-    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 1]]
+    assert p.input_ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 0, 0, 0]]
+    assert p.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert p.response_ids.tolist() == [[1, 2], [3, 0]]
     assert p.response_mask.tolist() == [[1, 1], [1, 0]]
+    assert p.response_index.tolist() == [[2, 3], [0, 1]]  # hidden state at t-1 predicts token t
 
 
 def test_reference_is_adapter_disabled_policy_equal_to_separate_base(project):
@@ -183,3 +184,26 @@ def test_bf16_base_trains_fp32_adapters_under_autocast(project, tiny_policy, tin
     assert sum(float(g.abs().sum()) for g in grads) > 0
     assert next(a16.model.get_base_model().parameters()).dtype == torch.bfloat16
     assert all(getattr(mod, "cast_input_dtype_enabled", True) for mod in a16.model.modules())
+
+
+def test_sampling_with_the_merged_policy_equals_the_adapter_and_restores_the_base(project):
+    """W' = W + (α/r)·BA during generation; afterwards the very same weight tensors are back (no rounding drift)."""
+    actors = load_actors(project, Path("state"), trainable=False, with_critic=False)
+    perturb_adapter(actors)
+    prompts, responses = prompts_and_responses(actors.tokenizer)
+    packed = pack(prompts, responses)
+    bases = {n: m.weight.data_ptr() for n, m in actors.model.named_modules() if n.endswith("base_layer")}
+    before = {n: m.weight.detach().clone() for n, m in actors.model.named_modules() if n.endswith("base_layer")}
+    with torch.no_grad():
+        unmerged, _ = policy_logprobs(actors, packed, 0.7)
+        with merged_policy(actors):
+            merged, _ = token_logprobs(actors.model.get_base_model(), packed, 0.7)  # adapters off: W' alone
+            changed = [n for n, m in actors.model.named_modules() if n.endswith("base_layer")
+                       and not torch.equal(m.weight, before[n])]
+        after, _ = policy_logprobs(actors, packed, 0.7)
+    assert len(changed) == len(bases) > 0  # every adapted projection was merged
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-4)
+    assert torch.equal(after, unmerged)
+    for n, m in actors.model.named_modules():
+        if n.endswith("base_layer"):
+            assert m.weight.data_ptr() == bases[n] and torch.equal(m.weight, before[n])

@@ -1,0 +1,107 @@
+"""Causal self-attention for unpadded (right-padded) batches on CPU: `policy_model.attention: chunked`.
+
+Why: every training and scoring pass here is causal attention over [prompt, response, pad] rows with no padding
+mask (right padding cannot leak into real tokens under a causal mask). PyTorch's CPU flash kernel runs such shapes
+(head dim 64, a few hundred tokens) at ~150 GFLOP/s in bf16, far below the ~900 GFLOP/s its GEMMs reach, and with a
+padding mask it cannot skip the masked half. Here queries are cut into chunks; each chunk attends to the keys up to
+its end, so only the diagonal block is masked, and every product is one batched GEMM. The queries that share a
+key/value head (GQA) are stacked into one GEMM instead of repeating K and V. The backward pass recomputes the
+softmax chunk by chunk (nothing quadratic is kept between forward and backward), as flash attention does.
+
+Numerics: products run in the input dtype and softmax accumulates in fp32 — in bf16 the scores are rounded to bf16
+before the softmax, as transformers' eager attention does; in fp32 it is exact attention. Anything else (a padding
+mask, a KV cache, sliding windows, dropout) falls back to transformers' SDPA path unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "chunked"
+
+
+def _probs(q_chunk: torch.Tensor, k: torch.Tensor, start: int, end: int, groups: int) -> torch.Tensor:
+    """Softmax rows of one query chunk against keys [0, end): (b, hk, g·n, end)."""
+    b, hk, _, _ = q_chunk.shape
+    n = end - start
+    scores = torch.matmul(q_chunk, k[:, :, :end].transpose(-1, -2)).view(b, hk, groups, n, end)  # (b, hk, g, n, e)
+    future = torch.ones(n, n, dtype=torch.bool).triu_(1)  # (n, n): only the diagonal block has masked keys
+    scores[..., start:end].masked_fill_(future, float("-inf"))
+    return torch.softmax(scores, dim=-1).view(b, hk, groups * n, end)  # fp32 accumulation inside
+
+
+class ChunkedCausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, chunk: int) -> torch.Tensor:
+        b, h, T, d = q.shape  # k, v: (b, hk, T, d)
+        hk = k.shape[1]
+        g = h // hk
+        with torch.autocast("cpu", enabled=False):
+            k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
+            qs = (q * scaling).contiguous().view(b, hk, g, T, d)  # queries sharing a K/V head side by side
+            out = torch.empty_like(qs)  # (b, hk, g, T, d)
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                qc = qs[:, :, :, s:e].reshape(b, hk, g * (e - s), d)
+                p = _probs(qc, k, s, e, g)  # (b, hk, g·n, e)
+                out[:, :, :, s:e] = torch.matmul(p, v[:, :, :e]).view(b, hk, g, e - s, d)
+        ctx.save_for_backward(qs, k, v)
+        ctx.scaling, ctx.chunk = scaling, chunk
+        return out.view(b, h, T, d)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        qs, k, v = ctx.saved_tensors
+        b, hk, g, T, d = qs.shape
+        with torch.autocast("cpu", enabled=False):
+            dout = grad_out.to(qs.dtype).contiguous().view(b, hk, g, T, d)
+            dq = torch.empty_like(qs)  # (b, hk, g, T, d)
+            dk = torch.zeros(k.shape, dtype=torch.float32)  # (b, hk, T, d): sums over chunks in fp32
+            dv = torch.zeros(v.shape, dtype=torch.float32)
+            for s in range(0, T, ctx.chunk):
+                e = min(T, s + ctx.chunk)
+                n = e - s
+                qc = qs[:, :, :, s:e].reshape(b, hk, g * n, d)
+                doc = dout[:, :, :, s:e].reshape(b, hk, g * n, d)
+                p = _probs(qc, k, s, e, g)  # recomputed, bit-identical to the forward's
+                dv[:, :, :e] += torch.matmul(p.transpose(-1, -2), doc)
+                dp = torch.matmul(doc, v[:, :, :e].transpose(-1, -2))  # (b, hk, g·n, e)
+                ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p ⊙ (dp − rowsum(dp ⊙ p)), fused
+                dq[:, :, :, s:e] = torch.matmul(ds, k[:, :, :e]).view(b, hk, g, n, d)
+                dk[:, :, :e] += torch.matmul(ds.transpose(-1, -2), qc)
+            dq = (dq * ctx.scaling).view(b, hk * g, T, d)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                             chunk: int = 64) -> torch.Tensor:
+    """softmax(q kᵀ·scaling + causal mask) v for (b, h, T, d) queries and (b, hk, T, d) keys/values, h % hk == 0."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads do not share {k.shape[1]} key/value heads evenly")
+    return ChunkedCausalAttention.apply(q, k, v, scaling, chunk)
+
+
+def _transformers_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, **kwargs):
+    """transformers' attention-function signature; returns (b, T, h, d) like its SDPA path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    usable = (attention_mask is None and query.shape[2] == key.shape[2] and query.shape[2] > 1 and dropout == 0.0
+              and getattr(module, "is_causal", True) and kwargs.get("sliding_window") is None
+              and kwargs.get("softcap") is None and kwargs.get("is_causal", True) is not False)
+    if not usable:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return chunked_causal_attention(query, key, value, scale).transpose(1, 2), None
+
+
+def register() -> str:
+    """Make `attn_implementation="chunked"` loadable: our attention, and SDPA's mask builder (which returns no mask
+    for an unpadded causal batch, so our path is taken; with padding or a cache it builds SDPA's mask → fallback)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, _transformers_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
