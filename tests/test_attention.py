@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from stages.attention import chunked_causal_attention
+from stages.attention import chunked_causal_attention, left_padding_starts
 from stages.modeling import generate, init_state, load_actors, make_model_available, pack, policy_logprobs
 from stages.params import parse_params
 from test_models import perturb_adapter, prompts_and_responses
@@ -43,6 +43,35 @@ def test_chunked_attention_matches_a_naive_loop_and_its_gradients(chunk):
     for name, g_got, g_want in zip("qkv", got_grads, want_grads):
         # dk and dv are summed over chunks in fp32 (as they are for bf16 inputs)
         torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-5, msg=f"d{name}")
+
+
+def test_left_padded_rows_match_the_unpadded_rows_and_stay_finite():
+    """Prefill of left-padded prompts: each real row equals its own unpadded attention; pad rows are finite."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, hk, T, d = 3, 4, 2, 9, 8
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((b, h, T, d), (b, hk, T, d),
+                                                                                    (b, hk, T, d)))
+    starts = torch.tensor([0, 3, 8])
+    got = chunked_causal_attention(q, k, v, 0.3, chunk=4, key_start=starts)
+    assert torch.isfinite(got).all()
+    for i, s in enumerate(starts.tolist()):
+        want = naive_causal_attention(q[i:i + 1, :, s:], k[i:i + 1, :, s:], v[i:i + 1, :, s:], 0.3)
+        torch.testing.assert_close(got[i:i + 1, :, s:], want, rtol=0, atol=1e-10)
+
+
+def test_left_padding_is_recognised_only_in_the_exact_mask():
+    from transformers.masking_utils import sdpa_mask
+
+    T = 6
+    padding = torch.tensor([[1] * T, [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = sdpa_mask(batch_size=2, q_length=T, kv_length=T, attention_mask=padding,
+                     allow_is_causal_skip=False)
+    assert left_padding_starts(mask).tolist() == [0, 2]
+    right = torch.tensor([[1] * T, [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    mask_right = sdpa_mask(batch_size=2, q_length=T, kv_length=T, attention_mask=right,
+                           allow_is_causal_skip=False)
+    assert left_padding_starts(mask_right) is None  # not left padding: fall back to SDPA
+    assert left_padding_starts(torch.ones(2, 1, T, T, dtype=torch.bool)) is None  # not causal
 
 
 def test_chunked_attention_rejects_uneven_head_groups():

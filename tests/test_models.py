@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT, tiny_params
 from stages.modeling import (
-    init_state, load_actors, load_causal_lm, make_model_available, merged_policy, pack, policy_logprobs,
-    reference_logprobs, token_logprobs, length_sorted_groups,
+    init_state, left_pad, load_actors, load_causal_lm, make_model_available, merged_policy, pack, policy_logprobs,
+    preallocated_cache, reference_logprobs, token_logprobs, length_sorted_groups,
 )
 from stages.params import parse_params
 from stages.rewards import ClassifierScorer, budget_batches, render_for_reward_model
@@ -207,3 +207,21 @@ def test_sampling_with_the_merged_policy_equals_the_adapter_and_restores_the_bas
     for n, m in actors.model.named_modules():
         if n.endswith("base_layer"):
             assert m.weight.data_ptr() == bases[n] and torch.equal(m.weight, before[n])
+
+
+def test_preallocated_kv_cache_gives_the_same_generation_as_transformers_cache(project):
+    from transformers import GenerationConfig
+
+    actors = load_actors(project, Path("state"), trainable=False, with_critic=False)
+    perturb_adapter(actors)
+    prompts, _ = prompts_and_responses(actors.tokenizer)
+    ids, mask = left_pad([p[: 15 + 10 * i] for i, p in enumerate(prompts)], 0)
+    config = GenerationConfig(do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    model = actors.model.get_base_model()
+    with torch.no_grad():
+        cache = preallocated_cache(model.config, ids.shape[1] + 8)
+        ours = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, past_key_values=cache)
+        theirs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    assert torch.equal(ours, theirs)
+    layer = cache.layers[0]
+    assert layer.length == ids.shape[1] + 7 and layer.keys.data_ptr() == layer.buffers[0].data_ptr()  # no concat
