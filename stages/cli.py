@@ -18,18 +18,18 @@ def _params(path: Path):
     from stages.params import load_params
 
     params = load_params(path)
-    from stages.modeling import set_threads
+    if params.runtime.threads > 0:  # torch only when asked: stages without models never import it
+        import torch
 
-    set_threads(params.runtime.threads)
+        torch.set_num_threads(params.runtime.threads)
     return params
 
 
 def _run(fn, *args) -> None:
     """Run a stage; expected failures become one line on stderr and exit code 2 (no traceback)."""
-    from stages.modeling import ModelError
+    from stages.common import ModelError, StateError
     from stages.params import ParamsError
     from stages.schema import ArtifactError
-    from stages.state import StateError
 
     try:
         fn(*args)

@@ -11,6 +11,14 @@ from pathlib import Path
 
 from stages.schema import atomic_write_text
 
+
+class ModelError(RuntimeError):
+    """A model could not be made available; the message is one line for the user."""
+
+
+class StateError(RuntimeError):
+    """The project's iteration state is missing or inconsistent; one line for the user."""
+
 STATE_FILE = "state.json"
 
 

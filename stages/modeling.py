@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from stages.common import derive_seed
+from stages.common import ModelError, derive_seed  # ModelError lives torch-free so the CLI catches it cheaply
 from stages.distributed import Dist
 from stages.params import EMBEDDED_POLICY, EMBEDDED_SCORER, Params
 
@@ -27,10 +27,6 @@ POLICY_ADAPTER = "policy"
 CRITIC_ADAPTER = "critic"
 SOURCE_FILE = "source.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class ModelError(RuntimeError):
-    """A model could not be made available; the message is one line for the user."""
 
 
 # --------------------------------------------------------------------------------------------- making models local
@@ -452,33 +448,28 @@ def generate(
 
     Prompts are generated in length-sorted chunks of `chunk_size`, chunk c seeded by (seed, c): the result does not
     depend on how many processes share the chunks."""
-    from transformers import GenerationConfig, StoppingCriteriaList
-
-    from stages.progress import bar, token_ticker
+    from stages.progress import bar
+    from stages.sampling import decode, pick_tokens
 
     actors.use(POLICY_ADAPTER)
     pad = actors.tokenizer.pad_token_id
     pad = actors.stop_ids[0] if pad is None else pad
-    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-    config = GenerationConfig(do_sample=not greedy, **sampling, max_new_tokens=max_new_tokens,
-                              eos_token_id=actors.stop_ids, pad_token_id=pad)
     stops = set(actors.stop_ids)
     # Length-sorted chunks: a chunk is left-padded to its longest prompt, so similar lengths waste less prefill.
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     chunks = [order[s:s + chunk_size] for s in range(0, len(order), chunk_size)]
     mine = dist.mine(list(enumerate(chunks)))
     ticks = bar(sum(len(rows) for _, rows in mine) * max_new_tokens, "generate", "tok", progress)
+    model = actors.model.get_base_model()  # with the policy merged in and adapters disabled: the policy
     local: dict[int, list[int]] = {}
     for c, rows in mine:
         ids, attn = left_pad([prompts[i] for i in rows], pad)
-        P = ids.shape[1]
-        torch.manual_seed(derive_seed(seed, "chunk", c))
+        generator = torch.Generator().manual_seed(derive_seed(seed, "chunk", c))
         with torch.no_grad(), merged_policy(actors), actors.compute():
-            cache = preallocated_cache(actors.model.get_base_model().config, P + max_new_tokens)
-            out = actors.model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
-                                        past_key_values=cache,
-                                        stopping_criteria=StoppingCriteriaList([token_ticker(ticks)]))
-        for i, row in zip(rows, out[:, P:].tolist()):
+            cache = preallocated_cache(model.config, ids.shape[1] + max_new_tokens)
+            out = decode(model, ids, attn, max_new_tokens, actors.stop_ids, pad, cache,
+                         lambda logits: pick_tokens(logits, temperature, top_p, greedy, generator), ticks.update)
+        for i, row in zip(rows, out.tolist()):
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             local[i] = row[:cut]
     ticks.close()
@@ -541,9 +532,3 @@ def merged_policy(actors: Actors):
 
 def contains_stop(response: Sequence[int], stop_ids: Sequence[int]) -> bool:
     return len(response) > 0 and response[-1] in set(stop_ids)
-
-
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)
-

@@ -19,16 +19,3 @@ def enabled(mode: str) -> bool:
 def bar(total: int, desc: str, unit: str, mode: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not enabled(mode), leave=False,
                 dynamic_ncols=True)
-
-
-def token_ticker(progress: tqdm):
-    """A generate() stopping criterion that never stops: it advances the bar by one token per live sequence."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class Tick(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            progress.update(int(input_ids.shape[0]))
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    return Tick()

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 from stages import evaluate, samples_report
-from stages.common import STATE_FILE, fresh_tmp_dir, log, read_json, read_state, replace_dir, write_json
+from stages.common import (
+    STATE_FILE, StateError, fresh_tmp_dir, log, read_json, read_state, replace_dir, write_json,
+)
 from stages.modeling import init_state
 from stages.params import Params
 from stages.schema import atomic_write_text
@@ -30,9 +32,6 @@ TRAIN_COLUMNS = [
     "val/response_length", "val/num_eos_tokens", "lr",
 ]
 
-
-class StateError(RuntimeError):
-    pass
 
 
 def history_path(params: Params, name: str = "history.csv") -> Path:
