@@ -9,7 +9,9 @@ top-p 1, 4 PPO epochs × 4 minibatches, LoRA r=32/α=64 on the 7 projections, bf
 Not equal by design, and said in the output: TRL trains its critic fully (ours: a LoRA adapter on the shared base),
 TRL feeds the policy's token ids to the reward model (ours decodes and re-tokenises; same tokenizer here, so the
 same ids). Implementation choices that differ but do the same work: ours generates in length-sorted chunks of 8
-prompts, TRL in chunks of its local_rollout_forward_batch_size (4) padded to the whole batch's longest prompt.
+prompts from the merged policy with its own sampling loop, TRL with generate() in chunks of its
+local_rollout_forward_batch_size (4) padded to the whole batch's longest prompt; ours uses its chunked causal
+attention (stages/attention.py) for the policy, critic and reward model, TRL transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -172,7 +174,10 @@ def table(o: dict, t: dict, dtype: str, reps: tuple[int, int]) -> str:
 NOT_EQUAL = ("not equal by design: TRL trains a full critic (ours: a LoRA adapter on the shared base, as in the "
              "product); TRL pads every prompt to the batch's longest, ours packs length-sorted micro-batches; ours "
              "recomputes log-probs after sampling (so the first PPO minibatch has ratio exactly 1), TRL takes them "
-             "from the sampling logits; ours counts each stage's process start-up and model loading, TRL one process")
+             "from the sampling logits; ours samples with its own loop from the policy merged into the base "
+             "(W + (α/r)·BA), TRL with generate() through the adapter; ours runs its own chunked causal attention "
+             "(policy and reward model), TRL SDPA; ours counts each stage's process start-up and model loading, "
+             "TRL one process")
 
 
 def main() -> None:
