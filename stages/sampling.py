@@ -36,6 +36,14 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     return (scores + gumbel).argmax(-1)
 
 
+def cache_kwarg(model) -> str:
+    """The name model.forward takes its KV cache under: `cache` from transformers 5.24 (`past_key_values` is
+    deprecated there, to be removed in 5.40), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
            pad_id: int, cache, pick: Callable[[torch.Tensor], torch.Tensor],
            on_step: Callable[[int], None] = lambda n: None) -> torch.Tensor:
@@ -45,8 +53,8 @@ def decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_token
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, P): as generate() numbers left-padded rows
     mask = attention_mask
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    kv = {cache_kwarg(model): cache}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kv)
     done = torch.zeros(b, dtype=torch.bool)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
@@ -59,6 +67,6 @@ def decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_token
             break
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], dim=1)  # (b, P+t+1)
         positions = positions[:, -1:] + 1  # (b, 1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **kv)
     return torch.stack(new, dim=1)  # (b, n)

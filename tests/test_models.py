@@ -12,6 +12,7 @@ from stages.modeling import (
     preallocated_cache, reference_logprobs, token_logprobs, length_sorted_groups,
 )
 from stages.params import parse_params
+from stages.sampling import cache_kwarg
 from stages.rewards import ClassifierScorer, budget_batches, render_for_reward_model
 
 
@@ -220,7 +221,8 @@ def test_preallocated_kv_cache_gives_the_same_generation_as_transformers_cache(p
     model = actors.model.get_base_model()
     with torch.no_grad():
         cache = preallocated_cache(model.config, ids.shape[1] + 8)
-        ours = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, past_key_values=cache)
+        ours = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                              **{cache_kwarg(model): cache})
         theirs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     assert torch.equal(ours, theirs)
     layer = cache.layers[0]
