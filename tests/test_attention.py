@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from stages.attention import chunked_causal_attention, left_padding_starts
+from stages.attention import chunked_causal_attention, decode_attention, left_padding_starts
 from stages.modeling import generate, init_state, load_actors, make_model_available, pack, policy_logprobs
 from stages.params import parse_params
 from test_models import perturb_adapter, prompts_and_responses
@@ -72,6 +72,21 @@ def test_left_padding_is_recognised_only_in_the_exact_mask():
                            allow_is_causal_skip=False)
     assert left_padding_starts(mask_right) is None  # not left padding: fall back to SDPA
     assert left_padding_starts(torch.ones(2, 1, T, T, dtype=torch.bool)) is None  # not causal
+
+
+def test_decode_step_matches_the_last_row_of_full_attention():
+    """One new query against the cache = the last row of causal attention over the row's real tokens."""
+    gen = torch.Generator().manual_seed(2)
+    b, h, hk, S, d = 2, 4, 2, 7, 8
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((b, h, 1, d), (b, hk, S, d),
+                                                                                    (b, hk, S, d)))
+    mask = torch.ones(b, 1, 1, S, dtype=torch.bool)
+    mask[1, ..., :3] = False  # row 1 is left-padded by 3
+    got = decode_attention(q, k, v, 0.3, mask)
+    for i, s in enumerate((0, 3)):
+        full_q = torch.cat([torch.zeros(1, h, S - s - 1, d, dtype=q.dtype), q[i:i + 1]], dim=2)
+        want = naive_causal_attention(full_q, k[i:i + 1, :, s:], v[i:i + 1, :, s:], 0.3)[:, :, -1:]
+        torch.testing.assert_close(got[i:i + 1], want, rtol=0, atol=1e-10)
 
 
 def test_chunked_attention_rejects_uneven_head_groups():
