@@ -323,7 +323,6 @@ class Packed:
     never reach a real token, so causal models run it with no padding mask (one unpadded causal attention)."""
 
     input_ids: torch.Tensor  # (b, L)
-    attention_mask: torch.Tensor  # (b, L): 1 on real tokens (for non-causal models and checks)
     response_ids: torch.Tensor  # (b, R)
     response_mask: torch.Tensor  # (b, R) float
     response_index: torch.Tensor  # (b, R): position whose hidden state predicts response token t
@@ -335,22 +334,20 @@ def pack(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[in
     L = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
     R = max(1, max(len(r) for r in response_ids))
     input_ids = torch.zeros((b, L), dtype=torch.long)
-    attention = torch.zeros((b, L), dtype=torch.long)
     responses = torch.zeros((b, R), dtype=torch.long)
     response_mask = torch.zeros((b, R))
     index = torch.zeros((b, R), dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         row = [*p, *r]
         input_ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-        attention[i, :len(row)] = 1
         responses[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         response_mask[i, :len(r)] = 1
         index[i] = (torch.arange(R) + len(p) - 1).clamp(max=L - 1)  # padded t: any valid index, masked later
-    return Packed(input_ids, attention, responses, response_mask, index)
+    return Packed(input_ids, responses, response_mask, index)
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts left-padded for generate(): (b, P) ids and attention mask."""
+    """Prompts left-padded for sampling: (b, P) ids and attention mask."""
     P = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)

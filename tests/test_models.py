@@ -53,7 +53,6 @@ def test_qwen3_tokenizer_and_stop_tokens(project):
 def test_pack_right_pads_and_indexes_the_predicting_positions():
     p = pack([[5, 6, 7], [8]], [[1, 2], [3]])
     assert p.input_ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 0, 0, 0]]
-    assert p.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert p.response_ids.tolist() == [[1, 2], [3, 0]]
     assert p.response_mask.tolist() == [[1, 1], [1, 0]]
     assert p.response_index.tolist() == [[2, 3], [0, 1]]  # hidden state at t-1 predicts token t
