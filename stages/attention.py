@@ -123,16 +123,15 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout: 
     """transformers' attention-function signature; returns (b, T, h, d) like its SDPA path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    usable = (query.shape[2] == key.shape[2] and query.shape[2] > 1 and dropout == 0.0
-              and getattr(module, "is_causal", True) and kwargs.get("sliding_window") is None
-              and kwargs.get("softcap") is None and kwargs.get("is_causal", True) is not False)
-    decode = (query.shape[2] == 1 and dropout == 0.0 and kwargs.get("sliding_window") is None
-              and kwargs.get("softcap") is None and query.shape[1] % key.shape[1] == 0
+    plain = dropout == 0.0 and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    decode = (plain and query.shape[2] == 1 and query.shape[1] % key.shape[1] == 0
               and (attention_mask is None or (attention_mask.dtype == torch.bool
                                               and attention_mask.shape[1:3] == (1, 1))))
     if decode:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return decode_attention(query, key, value, scale, attention_mask).transpose(1, 2), None
+    usable = (plain and query.shape[2] == key.shape[2] and query.shape[2] > 1 and getattr(module, "is_causal", True)
+              and kwargs.get("is_causal", True) is not False)
     starts = None
     if usable and attention_mask is not None:
         # Every layer gets the same mask object: check it once, remember the answer on it.
@@ -143,7 +142,6 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout: 
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return chunked_causal_attention(query, key, value, scale, key_start=starts).transpose(1, 2), None
 
 

@@ -19,8 +19,8 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (b, V)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)  # (b, V)
-    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p  # mass before this token already ≥ p
+    probs = torch.softmax(sorted_logits, dim=-1)  # (b, V)
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # the mass before this token already reaches p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (b, V) back in vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
