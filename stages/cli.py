@@ -46,10 +46,29 @@ def models(role: str = typer.Argument(..., help="policy or reward"), params: Pat
     _run(lambda: stage.run(_params(params), role))
 
 
-def _stage(name: str, doc: str):
+def _warm(params: Path) -> None:
+    """With runtime.warm_start, run this command in a fork of the warm process (stages/warm.py) and exit with its
+    code; otherwise (or if that is not possible) return and run it here."""
+    from stages.params import ParamsError, load_params
+
+    try:
+        runtime = load_params(params).runtime
+    except (ParamsError, OSError):
+        return  # the direct run reports the problem
+    if runtime.warm_start:
+        from stages import warm
+
+        code = warm.delegate(sys.argv, runtime.launcher)
+        if code is not None:
+            raise typer.Exit(code)
+
+
+def _stage(name: str, doc: str, warm: bool = True):
     def command(params: Path = ParamsOpt):
         import importlib
 
+        if warm:
+            _warm(params)
         _run(lambda: importlib.import_module(f"stages.{name}").run(_params(params)))
 
     command.__doc__ = doc
@@ -57,7 +76,7 @@ def _stage(name: str, doc: str):
 
 
 _stage("prepare", "Clean, tokenise and split the TL;DR prompts.")
-_stage("sample", "Pick this iteration's prompt batch from (seed, iteration).")
+_stage("sample", "Pick this iteration's prompt batch from (seed, iteration).", warm=False)  # no torch: starts fast
 _stage("rollout", "Sample responses from the current policy.")
 _stage("reward", "Score responses with the reward model.")
 _stage("reference", "Reference log-probs and critic values per token.")
@@ -69,6 +88,7 @@ _stage("update", "PPO epochs on the LoRA policy and the critic; writes models/ne
 def evaluate(params: Path = ParamsOpt,
              state: Optional[Path] = typer.Option(None, help="state folder (default: paths.next)")):
     """Held-out reward, KL, length and EOS rate of a policy state, plus a sample table."""
+    _warm(params)
     from stages import evaluate as stage
 
     _run(lambda: stage.run(_params(params), state))
@@ -175,6 +195,20 @@ def preset(name: str = typer.Argument(..., help="mission or embedded"), params: 
                    f"\n  rlhf init --force && dvc repro   (or: rlhf train -n N)")
 
     _run(go)
+
+
+@app.command()
+def warm(action: str = typer.Argument("status", help="status or stop")):
+    """The warm process that model stages fork from (runtime.warm_start): list it, or stop it."""
+    from stages import warm as w
+
+    if action == "stop":
+        typer.echo(f"stopped {w.stop_all()} warm process(es)")
+    elif action == "status":
+        for pid, sock in w.running():
+            typer.echo(f"pid {pid}  rss {w.rss_kib(pid) / 2**20:.2f} GiB  {sock}")
+    else:
+        raise typer.BadParameter("status or stop")
 
 
 @app.command("params-doc")

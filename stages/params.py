@@ -154,6 +154,7 @@ class Runtime(_Section):
     launcher: str = ""  # prefix for the data-parallel stages' commands in dvc.yaml (torchrun / accelerate launch)
     threads: int = Field(0, ge=0)  # 0: torch's default
     progress: Literal["auto", "on", "off"] = "auto"
+    warm_start: bool = True  # model stages fork from one process that has imported torch/transformers (stages/warm.py)
 
 
 class Params(_Section):

@@ -12,6 +12,7 @@ BIN = str(Path(sys.executable).parent)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RLHF_WARM_IDLE", "60")  # warm processes started by tests do not linger (stages/warm.py)
 
 
 @pytest.fixture(scope="session")

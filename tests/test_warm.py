@@ -1,0 +1,123 @@
+"""Warm start (stages/warm.py): stages forked from a process that imported torch once behave like direct runs."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import yaml
+
+from conftest import BIN, ROOT, copy_repo, run
+
+
+def set_warm(repo, on: bool) -> None:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["runtime"]["warm_start"] = on
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_warm_and_direct_runs_write_the_same_artifacts(tmp_path, trained_repo):
+    repo = copy_repo(trained_repo, tmp_path / "repo")
+    run(["rlhf", "sample"], repo)
+    outputs = {"rollout": "rollout.parquet", "reward": "scores.parquet", "reference": "reference.parquet",
+               "advantages": "advantages.parquet"}
+    digests = {}
+    for warm in (False, True):
+        set_warm(repo, warm)
+        usage = tmp_path / f"usage-{warm}.json"
+        for stage, out in outputs.items():
+            usage.unlink(missing_ok=True)
+            run(["env", f"RLHF_WARM_RUSAGE={usage}", "rlhf", stage], repo)
+            digests[warm, stage] = sha(repo / "data" / "iteration" / out)
+        # the rusage file is written only when a worker of the warm process ran the stage
+        assert usage.exists() == warm
+        if warm:
+            assert json.loads(usage.read_text())["maxrss_kib"] > 50_000  # the worker imported torch (via the fork)
+    for stage in outputs:
+        assert digests[True, stage] == digests[False, stage], stage
+    assert "pid " in run(["rlhf", "warm", "status"], repo).stdout
+
+
+def test_warm_worker_reports_errors_and_exit_code_like_a_direct_run(tmp_path, trained_repo):
+    repo = copy_repo(trained_repo, tmp_path / "repo")
+    (repo / "data" / "iteration" / "rollout.parquet").unlink(missing_ok=True)
+    results = {}
+    for warm in (False, True):
+        set_warm(repo, warm)
+        results[warm] = run(["rlhf", "reward"], repo, check=False)
+    assert results[True].returncode == results[False].returncode == 2
+    assert results[True].stderr.strip().splitlines()[-1] == results[False].stderr.strip().splitlines()[-1]
+    assert "error:" in results[True].stderr
+
+
+def _worker_of(client: subprocess.Popen, repo) -> psutil.Process | None:
+    """The forked worker running the client's stage: a `stages.warm` process whose directory is the project."""
+    for proc in psutil.process_iter(["cmdline", "cwd", "pid"]):
+        try:
+            if proc.info["pid"] != client.pid and "stages.warm" in " ".join(proc.info["cmdline"] or []) \
+                    and proc.info["cwd"] == str(repo):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def _start_and_find_worker(repo):
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    client = subprocess.Popen(["rlhf", "update"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    worker = None
+    while worker is None and client.poll() is None and time.time() < deadline:
+        worker = _worker_of(client, repo)
+        time.sleep(0.01)
+    assert worker is not None, "no worker process appeared"
+    return client, worker
+
+
+def test_killing_the_command_kills_its_worker(tmp_path, trained_repo):
+    """`dvc repro` interrupted by SIGKILL must not leave the stage running in the warm process."""
+    repo = copy_repo(trained_repo, tmp_path / "repo")
+    set_warm(repo, True)
+    run(["rlhf", "warm", "status"], repo)
+    client, worker = _start_and_find_worker(repo)
+    client.kill()
+    client.wait()
+    worker.wait(timeout=5)  # raises psutil.TimeoutExpired if the worker outlived its command
+    run(["rlhf", "update"], repo)  # and the stage still runs to the end afterwards
+    assert (repo / "models" / "next" / "state.json").exists()
+
+
+def test_sigterm_is_forwarded_and_becomes_the_exit_code(tmp_path, trained_repo):
+    repo = copy_repo(trained_repo, tmp_path / "repo")
+    set_warm(repo, True)
+    client, worker = _start_and_find_worker(repo)
+    time.sleep(0.3)  # the command installs its forwarding handlers right after the worker exists
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(timeout=30) == 128 + signal.SIGTERM
+    worker.wait(timeout=5)
+
+
+def test_key_changes_with_the_code_and_the_environment(tmp_path, monkeypatch):
+    import shutil
+
+    from stages import warm
+
+    copy = tmp_path / "stages"
+    shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(warm, "stages_dir", lambda: copy)
+    k0 = warm.key()
+    assert warm.key() == k0
+    (copy / "ppo.py").write_text((copy / "ppo.py").read_text() + "\n# edited\n")
+    k1 = warm.key()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    k2 = warm.key()
+    monkeypatch.setenv("SOME_UNRELATED_VARIABLE", "x")
+    assert len({k0, k1, k2}) == 3 and warm.key() == k2
