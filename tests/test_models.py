@@ -159,7 +159,8 @@ def test_majority_vote_and_wilson_interval():
 
 def test_bf16_base_trains_fp32_adapters_under_autocast(project, tiny_policy, tiny_reward):
     """bf16 base: adapters, value head and their gradients stay fp32, the adapter matmuls run in bf16, and the
-    numbers agree with an all-fp32 model to bf16 accuracy. peft's input casting is back on after each pass."""
+    numbers agree with an all-fp32 model to bf16 accuracy. peft's input casting is off for good on a bf16 base (every
+    pass runs under autocast), and on for an fp32 one."""
     bf16 = parse_params(tiny_params(tiny_policy, tiny_reward, policy_model={"dtype": "bfloat16"}))
     a16, a32 = (load_actors(p, Path("state"), trainable=True) for p in (bf16, project))
     for actors in (a16, a32):
@@ -183,7 +184,8 @@ def test_bf16_base_trains_fp32_adapters_under_autocast(project, tiny_policy, tin
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     assert next(a16.model.get_base_model().parameters()).dtype == torch.bfloat16
-    assert all(getattr(mod, "cast_input_dtype_enabled", True) for mod in a16.model.modules())
+    assert a16.tuner_layers and not any(layer.cast_input_dtype_enabled for layer in a16.tuner_layers)
+    assert a32.tuner_layers and all(layer.cast_input_dtype_enabled for layer in a32.tuner_layers)
 
 
 def test_sampling_with_the_merged_policy_equals_the_adapter_and_restores_the_base(project):
@@ -226,3 +228,27 @@ def test_preallocated_kv_cache_gives_the_same_generation_as_transformers_cache(p
     assert torch.equal(ours, theirs)
     layer = cache.layers[0]
     assert layer.length == ids.shape[1] + 7 and layer.keys.data_ptr() == layer.buffers[0].data_ptr()  # no concat
+
+
+def test_adapter_switch_equals_peft_set_adapter_and_keeps_both_trainable(project):
+    """Actors.use() switches over the layers found at load; it must route exactly as peft's set_adapter does."""
+    from stages.modeling import CRITIC_ADAPTER, POLICY_ADAPTER
+
+    actors = load_actors(project, Path("state"), trainable=True)
+    perturb_adapter(actors)  # both adapters' B ≠ 0 and different, so a wrong route changes the output
+    prompts, responses = prompts_and_responses(actors.tokenizer)
+    ids = pack(prompts, responses).input_ids
+    for adapter in (CRITIC_ADAPTER, POLICY_ADAPTER, CRITIC_ADAPTER):
+        actors.use(adapter)
+        assert all(layer.active_adapters == [adapter] for layer in actors.tuner_layers)
+        assert all(p.requires_grad for p in actors.adapter_params)
+        with torch.no_grad():
+            ours = actors.model(input_ids=ids).logits
+            actors.model.set_adapter(adapter)
+            theirs = actors.model(input_ids=ids).logits
+        assert torch.equal(ours, theirs), adapter
+    actors.use(POLICY_ADAPTER)
+    with torch.no_grad():
+        policy = actors.model(input_ids=ids).logits
+    assert not torch.equal(policy, ours)
+    assert len(actors.adapter_params) == 2 * 2 * len(actors.tuner_layers)  # A and B of both adapters per layer
