@@ -15,6 +15,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RLHF_WARM_IDLE", "60")  # warm processes started by tests do not linger (stages/warm.py)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_processes():
+    yield
+    from stages import warm
+
+    warm.stop_all()  # started by the tests' stage runs (stages/warm.py); none is left idling after the suite
+
+
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> Path:
     from stages.shrink import TINY, build_policy

@@ -168,8 +168,8 @@ def test_bf16_base_trains_fp32_adapters_under_autocast(project, tiny_policy, tin
     prompts, responses = prompts_and_responses(a16.tokenizer)
     packed = pack(prompts, responses)
     seen = []
-    lora_a = next(m for n, m in a16.model.named_modules() if n.endswith("lora_A.policy"))
-    lora_a.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    q_proj = next(m for m in a16.tuner_layers if "lora_A" in dict(m.named_children()))  # a LoRA projection
+    q_proj.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
     lp16, _ = policy_logprobs(a16, packed, 0.7)
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}  # no fp32 copy of the activations
     with torch.no_grad():
@@ -252,3 +252,35 @@ def test_adapter_switch_equals_peft_set_adapter_and_keeps_both_trainable(project
         policy = actors.model(input_ids=ids).logits
     assert not torch.equal(policy, ours)
     assert len(actors.adapter_params) == 2 * 2 * len(actors.tuner_layers)  # A and B of both adapters per layer
+
+
+def test_fused_lora_forward_equals_peft_in_fp32(project):
+    """Actors' LoRA layers add (α/r)·B·A·x inside the GEMM; in fp32 that equals peft's forward, values and grads."""
+    from stages.modeling import CRITIC_ADAPTER
+
+    actors = load_actors(project, Path("state"), trainable=True)
+    perturb_adapter(actors)
+    prompts, responses = prompts_and_responses(actors.tokenizer)
+    ids = pack(prompts, responses).input_ids
+    lora = {n: p for n, p in actors.model.named_parameters() if "lora_" in n}
+    results = {}
+    for fused in (True, False):
+        if not fused:
+            for layer in actors.tuner_layers:
+                del layer.forward  # back to peft's class forward
+        for adapter in (CRITIC_ADAPTER, "policy"):
+            actors.use(adapter)
+            actors.model.zero_grad(set_to_none=True)
+            logits = actors.model(input_ids=ids).logits
+            logits.float().pow(2).mean().backward()
+            grads = {n: p.grad.clone() for n, p in lora.items() if p.grad is not None}
+            with torch.no_grad(), actors.model.disable_adapter():  # adapters off: the base alone either way
+                base = actors.model(input_ids=ids).logits
+            results[fused, adapter] = logits.detach(), grads, base
+    for adapter in (CRITIC_ADAPTER, "policy"):
+        (l1, g1, b1), (l0, g0, b0) = results[True, adapter], results[False, adapter]
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b1, b0) and not torch.allclose(b1, l1)
+        assert g1.keys() == g0.keys() and any(f".{adapter}." in n for n in g1)
+        for n in g1:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
