@@ -278,6 +278,17 @@ def _inactive_dropout(module: nn.Module) -> bool:
     return isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and (module.p == 0 or not module.training))
 
 
+@contextlib.contextmanager
+def quiet_peft_wrap():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, which prints a
+    FutureWarning in every model stage; only that warning is silenced, only there."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def lora_config(r: int, alpha: float, dropout: float, targets: Sequence[str]):
     from peft import LoraConfig
 
@@ -297,8 +308,9 @@ def init_state(params: Params, out_dir: Path) -> None:
     base_dir = Path(params.paths.policy_model)
     base = load_causal_lm(base_dir, "float32", params.policy_model.trust_remote_code)
     lora = params.lora
-    model = get_peft_model(base, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules),
-                           adapter_name=POLICY_ADAPTER)
+    with quiet_peft_wrap():
+        model = get_peft_model(base, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules),
+                               adapter_name=POLICY_ADAPTER)
     if params.critic.mode == "lora":
         c = params.critic
         model.add_adapter(CRITIC_ADAPTER, lora_config(c.lora_r, c.lora_alpha, 0.0, lora.target_modules))
@@ -348,8 +360,9 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
     tokenizer = load_tokenizer(base_dir)
     base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code, pm.attention)
     # low_cpu_mem_usage: adapters are built empty and filled from the files (no random init that is overwritten)
-    model = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
-                                      is_trainable=trainable, autocast_adapter_dtype=True, low_cpu_mem_usage=True)
+    with quiet_peft_wrap():
+        model = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
+                                          is_trainable=trainable, autocast_adapter_dtype=True, low_cpu_mem_usage=True)
     critic_backbone = None
     if with_critic and params.critic.mode == "lora":
         model.load_adapter(state_dir / CRITIC_ADAPTER, adapter_name=CRITIC_ADAPTER, is_trainable=trainable,

@@ -93,10 +93,15 @@ def delegate(argv: list[str], launcher: str) -> int | None:
         return None
     with conn:
         request = {"argv": argv, "cwd": os.getcwd(), "env": {**os.environ, WORKER_ENV: "1"}}
-        socket.send_fds(conn, [json.dumps(request).encode()], _stdio())
-        reply = conn.recv(MAX_MSG)
+        try:  # nothing has run yet: any failure here still falls back to a direct run
+            socket.send_fds(conn, [json.dumps(request).encode()], _stdio())
+            reply = conn.recv(MAX_MSG)
+        except OSError as err:
+            reply, why = b"", str(err)
+        else:
+            why = "the warm process closed the connection"
         if not reply:
-            print("warm start: the warm process closed the connection; running in this process", file=sys.stderr)
+            print(f"warm start: {why}; running in this process", file=sys.stderr)
             return None
         pid = json.loads(reply)["pid"]
         previous = {s: signal.signal(s, lambda sig, _f: _forward(pid, sig))
