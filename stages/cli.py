@@ -63,11 +63,11 @@ def _warm(params: Path) -> None:
             raise typer.Exit(code)
 
 
-def _stage(name: str, doc: str, warm: bool = True):
+def _stage(name: str, doc: str, forked: bool = True):
     def command(params: Path = ParamsOpt):
         import importlib
 
-        if warm:
+        if forked:
             _warm(params)
         _run(lambda: importlib.import_module(f"stages.{name}").run(_params(params)))
 
@@ -76,7 +76,7 @@ def _stage(name: str, doc: str, warm: bool = True):
 
 
 _stage("prepare", "Clean, tokenise and split the TL;DR prompts.")
-_stage("sample", "Pick this iteration's prompt batch from (seed, iteration).", warm=False)  # no torch: starts fast
+_stage("sample", "Pick this iteration's prompt batch from (seed, iteration).", forked=False)  # no torch: starts fast
 _stage("rollout", "Sample responses from the current policy.")
 _stage("reward", "Score responses with the reward model.")
 _stage("reference", "Reference log-probs and critic values per token.")
