@@ -1,67 +1,30 @@
-"""Stage `advantages`: KL-shaped per-token rewards, GAE and returns (all math in stages/ppo.py)."""
+"""Stage `advantages`: KL-shaped per-token rewards, GAE and returns (all math in rlhf/ppo.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
-import torch
-
-from stages import ppo
-from stages.common import log, write_json
-from stages.params import Params
-from stages.schema import read_iteration, write_artifact
+from rlhf.runtime.stage import run_stage
 
 
-def compute(rollout: pd.DataFrame, scores: pd.DataFrame, reference: pd.DataFrame, params: Params):
-    """Returns (per-row advantages frame, objective metrics). float64 throughout: it is cheap and exact."""
-    f64 = torch.float64
-    logprobs, mask = ppo.pad_ragged(list(rollout["logprobs"]), dtype=f64)  # (B, T)
-    mask = mask.to(f64)
-    ref_logprobs, _ = ppo.pad_ragged(list(reference["ref_logprobs"]), dtype=f64)  # (B, T)
-    values, _ = ppo.pad_ragged(list(reference["values"]), dtype=f64)  # (B, T)
-    entropy, _ = ppo.pad_ragged(list(rollout["entropy"]), dtype=f64)  # (B, T)
-    raw_scores = torch.as_tensor(scores["score"].to_numpy(), dtype=f64)  # (B,)
-    contains_eos = torch.as_tensor(rollout["contains_eos"].to_numpy())  # (B,)
+def main(params) -> None:
+    from pathlib import Path
 
-    kl = ppo.kl_per_token(logprobs, ref_logprobs, params.kl.estimator) * mask  # (B, T)
-    shaped = ppo.penalise_missing_eos(raw_scores, contains_eos, params.shaping.missing_eos_penalty)  # (B,)
-    kl_coef = params.kl.coef if params.kl.in_reward else 0.0
-    rewards, non_score = ppo.per_token_rewards(shaped, kl, mask, kl_coef)  # (B, T)
-    if params.shaping.whiten_rewards:
-        rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = ppo.gae(rewards, values, mask, params.gae.gamma, params.gae.lam)  # (B, T)
-    if params.gae.whiten_advantages:
-        advantages = ppo.masked_whiten(advantages, mask)
+    import numpy as np
 
-    lengths = mask.sum(1).long().tolist()
-    cut = lambda x: [row[:n] for row, n in zip(x.tolist(), lengths)]  # noqa: E731 - unpad per row
-    out = pd.DataFrame({"prompt_id": rollout["prompt_id"], "score": shaped.float().numpy(), "kl": cut(kl),
-                        "rewards": cut(rewards), "advantages": cut(advantages), "returns": cut(returns)})
-    non_score_sum = non_score.sum(1)  # (B,)
-    metrics = {
-        "objective/kl": float(kl.sum(1).mean()),
-        "objective/entropy": float(entropy.sum(1).mean()),
-        "objective/non_score_reward": float(non_score_sum.mean()),
-        "objective/scores": float(raw_scores.mean()),
-        "objective/scores_shaped": float(shaped.mean()),
-        "objective/rlhf_reward": float((shaped + non_score_sum).mean()),
-        "val/num_eos_tokens": int(contains_eos.sum()),
-        "val/response_length": float(mask.sum(1).mean()),
-        "val/advantage_mean_raw": float(ppo.masked_mean(advantages, mask)),
-        "val/return_mean": float(ppo.masked_mean(returns, mask)),
-        "val/value_mean": float(ppo.masked_mean(values, mask)),
-    }
-    return out, metrics
+    from rlhf.artifacts.files import write_json
+    from rlhf.artifacts.schema import read_iteration, write_artifact
+    from rlhf.runtime.log import log
+    from rlhf.training.advantages import compute_advantages
 
-
-def run(params: Params) -> None:
     it = Path(params.paths.iteration)
     rollout, scores, reference = read_iteration(it, ("rollout", "scores", "reference"))
-    if not torch.isfinite(torch.as_tensor(scores["score"].to_numpy())).all():
+    if not np.isfinite(scores["score"].to_numpy()).all():
         raise FloatingPointError(f"{it / 'scores.parquet'}: non-finite reward score; refusing to compute advantages")
-    out, metrics = compute(rollout, scores, reference, params)
+    out, metrics = compute_advantages(rollout, scores, reference, params)
     write_artifact(out, "advantages", it / "advantages.parquet")
     write_json(Path(params.paths.metrics) / "objective.json", metrics)
     log(f"advantages: score {metrics['objective/scores']:.4f}, KL {metrics['objective/kl']:.4f}, "
         f"rlhf_reward {metrics['objective/rlhf_reward']:.4f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

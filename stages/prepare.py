@@ -6,108 +6,19 @@ Rows that cannot be used are skipped and counted (metrics/prepare.json), never s
 
 from __future__ import annotations
 
-import re
-from collections import Counter
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-
-from stages.common import log, write_json
-from stages.modeling import load_tokenizer
-from stages.params import Params
-from stages.schema import ArtifactError, write_artifact
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+from rlhf.runtime.stage import run_stage
 
 
-def load_source(params: Params) -> pd.DataFrame:
-    if params.data.source == "local":
-        path = Path(params.paths.source_data)
-        if not path.exists():
-            raise ArtifactError(f"{path}: source data not found (paths.source_data)")
-        return pd.read_parquet(path)
-    try:
-        import datasets
+def main(params) -> None:
+    from collections import Counter
+    from pathlib import Path
 
-        return datasets.load_dataset(params.data.source, split=params.data.split).to_pandas()
-    except Exception as err:
-        raise ArtifactError(f"cannot load dataset {params.data.source!r} from the hub: {str(err).splitlines()[0]}") from None
+    from rlhf.artifacts.files import write_json
+    from rlhf.artifacts.schema import write_artifact
+    from rlhf.data.prompts import clean_rows, load_source, split, tokenize_prompts
+    from rlhf.models.sources import load_tokenizer
+    from rlhf.runtime.log import log
 
-
-def clean_text(value: object) -> str | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    return _CONTROL.sub("", str(value))
-
-
-def clean_rows(df: pd.DataFrame, counts: Counter) -> pd.DataFrame:
-    """Normalise text, drop rows with no usable prompt or reference, de-duplicate prompts (first one wins)."""
-    for col in ("prompt", "completion"):
-        if col not in df.columns:
-            raise ArtifactError(f"source data has no {col!r} column (columns: {list(df.columns)})")
-    if len(df) == 0:
-        raise ArtifactError("source data is empty")
-    out = pd.DataFrame({
-        "prompt_id": df["source_index"].astype("int64") if "source_index" in df.columns else np.arange(len(df)),
-        "subreddit": df["subreddit"].map(clean_text) if "subreddit" in df.columns else "",
-        "query": df["prompt"].map(clean_text),
-        "reference": df["completion"].map(clean_text),
-    })
-    no_prompt = out["query"].isna() | (out["query"].fillna("").str.strip() == "")
-    post_empty = out["query"].fillna("").str.contains(r"POST:\s*TL;DR:\s*$", regex=True)
-    no_ref = out["reference"].isna() | (out["reference"].fillna("").str.strip() == "")
-    counts["skipped_empty_prompt"] += int(no_prompt.sum())
-    counts["skipped_empty_post"] += int((post_empty & ~no_prompt).sum())
-    counts["skipped_missing_reference"] += int((no_ref & ~no_prompt & ~post_empty).sum())
-    out = out[~(no_prompt | post_empty | no_ref)]
-    dup = out["query"].duplicated(keep="first")
-    counts["skipped_duplicate_prompt"] += int(dup.sum())
-    out = out[~dup]
-    dup_id = out["prompt_id"].duplicated(keep="first")
-    counts["skipped_duplicate_id"] += int(dup_id.sum())
-    return out[~dup_id].reset_index(drop=True)
-
-
-def render_prompt(tokenizer, query: str, prompt_format: str) -> str:
-    if prompt_format == "raw":
-        return query
-    messages = [{"role": "user", "content": query}]
-    # enable_thinking=False is Qwen3's switch; other templates ignore unknown variables.
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-
-
-def tokenize_prompts(df: pd.DataFrame, tokenizer, params: Params, counts: Counter) -> pd.DataFrame:
-    limit, how = params.data.max_prompt_tokens, params.data.overlong
-    prompts, ids = [], []
-    for query in df["query"]:
-        text = render_prompt(tokenizer, query, params.policy_model.prompt_format)
-        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompts.append(text)
-        ids.append(tokens)
-    lengths = np.array([len(t) for t in ids])
-    over = lengths > limit
-    df = df.assign(prompt=prompts, prompt_ids=ids, prompt_length=lengths.astype("int32"))
-    if how == "drop":
-        counts["skipped_overlong"] += int(over.sum())
-        return df[~over].reset_index(drop=True)
-    counts["truncated_overlong"] += int(over.sum())
-    # Keep the end: the "TL;DR:" cue (or the chat generation prompt) must stay last.
-    df["prompt_ids"] = [t[-limit:] for t in df["prompt_ids"]]
-    df["prompt_length"] = df["prompt_ids"].map(len).astype("int32")
-    return df
-
-
-def split(df: pd.DataFrame, eval_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if len(df) <= eval_size:
-        raise ArtifactError(f"only {len(df)} usable prompts, need more than data.eval_size = {eval_size}")
-    order = np.random.default_rng(seed).permutation(len(df))
-    return df.iloc[np.sort(order[eval_size:])].reset_index(drop=True), df.iloc[np.sort(order[:eval_size])].reset_index(drop=True)
-
-
-def run(params: Params) -> None:
     counts: Counter = Counter()
     source = load_source(params)
     counts["source_rows"] = len(source)
@@ -115,6 +26,7 @@ def run(params: Params) -> None:
     tokenizer = load_tokenizer(Path(params.paths.policy_model))
     df = tokenize_prompts(df, tokenizer, params, counts)
     train, evaluation = split(df, params.data.eval_size, params.seed)
+
     out = Path(params.paths.prepared)
     write_artifact(train, "prompts", out / "train.parquet")
     write_artifact(evaluation, "prompts", out / "eval.parquet")
@@ -124,3 +36,6 @@ def run(params: Params) -> None:
     log(f"prepare: {len(train)} train / {len(evaluation)} eval prompts; skipped "
         + ", ".join(f"{k.removeprefix('skipped_')}={v}" for k, v in sorted(counts.items()) if k.startswith("skipped")))
 
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -3,35 +3,30 @@ and V_old from the critic, per response token, in the rollout's micro-batches.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
-import torch
-
-from stages.common import log
-from stages.distributed import init_distributed
-from stages.modeling import critic_values, load_actors, pack, reference_logprobs
-from stages.params import Params
-from stages.schema import read_artifact, write_artifact
+from rlhf.runtime.stage import run_stage
 
 
-def run(params: Params) -> None:
+def main(params) -> None:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from rlhf.artifacts.schema import read_artifact, write_artifact
+    from rlhf.models.checkpoint import load_actors
+    from rlhf.models.passes import score_references
+    from rlhf.runtime.distributed import init_distributed
+    from rlhf.runtime.log import log
+
     rollout = read_artifact(Path(params.paths.iteration) / "rollout.parquet", "rollout")
     dist = init_distributed()
     actors = load_actors(params, Path(params.paths.current), trainable=False)
-    local = {}
-    for _, group in dist.mine(list(rollout.groupby("micro_batch", sort=True))):
-        packed = pack(list(group["prompt_ids"]), list(group["response_ids"]))
-        with torch.no_grad():
-            ref = reference_logprobs(actors, packed, params.rollout.temperature)  # (b, R)
-            v = critic_values(actors, packed)  # (b, R)
-        for j, i in enumerate(group.index):
-            n = int(rollout.at[i, "response_length"])
-            local[i] = (ref[j, :n].tolist(), v[j, :n].tolist())
-    merged = dist.merge(local)
+    ref_logprobs, values = score_references(actors, rollout, params.rollout.temperature, dist)
     if not dist.is_main:
         return
-    ref_logprobs, values = [merged[i][0] for i in range(len(rollout))], [merged[i][1] for i in range(len(rollout))]
     out = pd.DataFrame({"prompt_id": rollout["prompt_id"], "ref_logprobs": ref_logprobs, "values": values})
     write_artifact(out, "reference", Path(params.paths.iteration) / "reference.parquet")
     log(f"reference: {len(out)} rows of reference log-probs and values")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,19 +1,20 @@
-"""Stage `reward`: one scalar score per response from the frozen reward model (see stages/rewards.py)."""
+"""Stage `reward`: one scalar score per response from the frozen reward model (see rlhf/models/scorers.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
-
-from stages.common import log
-from stages.distributed import init_distributed
-from stages.params import Params
-from stages.rewards import load_scorer
-from stages.schema import read_artifact, write_artifact
+from rlhf.runtime.stage import run_stage
 
 
-def run(params: Params) -> None:
+def main(params) -> None:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from rlhf.artifacts.schema import read_artifact, write_artifact
+    from rlhf.models.scorers import load_scorer
+    from rlhf.runtime.distributed import init_distributed
+    from rlhf.runtime.log import log
+
     rollout = read_artifact(Path(params.paths.iteration) / "rollout.parquet", "rollout")
     dist = init_distributed()
     scorer = load_scorer(Path(params.paths.reward_model), params.reward_model)
@@ -23,3 +24,7 @@ def run(params: Params) -> None:
     write_artifact(pd.DataFrame({"prompt_id": rollout["prompt_id"], "score": scores}), "scores",
                    Path(params.paths.iteration) / "scores.parquet")
     log(f"reward: mean score {scores.mean():.4f} over {len(scores)} responses")
+
+
+if __name__ == "__main__":
+    run_stage(main)

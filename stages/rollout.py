@@ -6,38 +6,29 @@ length-sorted micro-batches and precision the update stage uses — so the first
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import pandas as pd
-import torch
-
-from stages.common import derive_seed, log, read_state, write_json
-from stages.distributed import Dist, init_distributed
-from stages.modeling import Actors, contains_stop, generate, length_sorted_groups, load_actors, pack, policy_logprobs
-from stages.params import Params
-from stages.schema import read_artifact, write_artifact
+from rlhf.runtime.stage import run_stage
 
 
-def score_groups(actors: Actors, df: pd.DataFrame, temperature: float, dist: Dist = Dist()) -> tuple[list, list]:
-    """Per-token log-probs and entropies, one forward per micro-batch (micro-batches shared out across ranks)."""
-    local = {}
-    for _, group in dist.mine(list(df.groupby("micro_batch", sort=True))):
-        packed = pack(list(group["prompt_ids"]), list(group["response_ids"]))
-        with torch.no_grad():
-            lp, ent = policy_logprobs(actors, packed, temperature)  # (b, R)
-        for j, i in enumerate(group.index):
-            n = len(df.at[i, "response_ids"])
-            local[i] = (lp[j, :n].tolist(), ent[j, :n].tolist())
-    merged = dist.merge(local)
-    return [merged[i][0] for i in range(len(df))], [merged[i][1] for i in range(len(df))]
+def main(params) -> None:
+    import time
+    from pathlib import Path
 
+    import pandas as pd
 
-def run(params: Params) -> None:
+    from rlhf.artifacts.files import read_state, write_json
+    from rlhf.artifacts.schema import read_artifact, write_artifact
+    from rlhf.models.checkpoint import load_actors
+    from rlhf.models.passes import length_sorted_groups, score_responses
+    from rlhf.models.sampling import contains_stop, generate
+    from rlhf.runtime.distributed import init_distributed
+    from rlhf.runtime.log import log
+    from rlhf.runtime.seeding import derive_seed
+
     dist = init_distributed()
     state = read_state(params.paths.current)
     batch = read_artifact(Path(params.paths.iteration) / "batch.parquet", "prompts")
     actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False)
+
     cfg = params.rollout
     start = time.perf_counter()
     responses = generate(actors, list(batch["prompt_ids"]), cfg.max_new_tokens, cfg.temperature, cfg.top_p,
@@ -56,9 +47,10 @@ def run(params: Params) -> None:
         "response_length": [len(r) for r in responses],
         "contains_eos": [contains_stop(r, actors.stop_ids) for r in responses],
     })
-    df["logprobs"], df["entropy"] = score_groups(actors, df, cfg.temperature, dist)
+    df["logprobs"], df["entropy"] = score_responses(actors, df, cfg.temperature, dist)
     if not dist.is_main:
         return
+
     write_artifact(df, "rollout", Path(params.paths.iteration) / "rollout.parquet")
     new_tokens = int(df["response_length"].sum())
     metrics = {
@@ -71,3 +63,7 @@ def run(params: Params) -> None:
     write_json(Path(params.paths.metrics) / "rollout.json", metrics)
     log(f"rollout: {len(df)} responses, {new_tokens} tokens in {gen_seconds:.1f}s "
         f"({metrics['generated_tokens_per_s']:.1f} tok/s), EOS rate {metrics['eos_rate']:.2f}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -12,29 +12,49 @@ BIN = str(Path(sys.executable).parent)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RLHF_WARM_IDLE", "60")  # warm processes started by tests do not linger (stages/warm.py)
+os.environ.setdefault("RLHF_WARM_IDLE", "60")  # warm processes started by tests do not linger
+CONFIGS = ROOT / "models" / "configs"  # the real Qwen3 / Skywork configs and the Qwen3 tokenizer
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _stop_warm_processes():
-    yield
-    from stages import warm
+def _private_warm_processes(tmp_path_factory):
+    """The suite's warm processes live in a socket folder of its own (RLHF_WARM_DIR), so stopping them at the end
+    leaves a user's own warm process, serving a `dvc repro` elsewhere, alone."""
+    from rlhf.runtime import warm_start
 
-    warm.stop_all()  # started by the tests' stage runs (stages/warm.py); none is left idling after the suite
+    os.environ[warm_start.DIR_ENV] = str(tmp_path_factory.mktemp("warm"))
+    yield
+    warm_start.stop_all()
+    os.environ.pop(warm_start.DIR_ENV, None)
+
+
+def stage(name: str, *args: str) -> list[str]:
+    """The command line of a stage script, runnable from any project folder."""
+    return [sys.executable, str(ROOT / "stages" / f"{name}.py"), *args]
 
 
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> Path:
-    from stages.shrink import TINY, build_policy
+    from rlhf.models.architectures import build_policy
 
-    return build_policy(tmp_path_factory.mktemp("tiny") / "policy", **TINY)
+    return build_policy(CONFIGS, tmp_path_factory.mktemp("tiny") / "policy", **TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_reward(tmp_path_factory) -> Path:
-    from stages.shrink import TINY, build_reward
+    from rlhf.models.architectures import build_reward
 
-    return build_reward(tmp_path_factory.mktemp("tiny") / "reward", **TINY)
+    return build_reward(CONFIGS, tmp_path_factory.mktemp("tiny") / "reward", **TINY)
+
+
+def full_params(**sections) -> dict:
+    """The project's params.yaml (complete, as every params file must be) with some sections' keys replaced."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in sections.items():
+        p[key].update(value)
+    return p
 
 
 def tiny_params(policy: Path, reward: Path, **sections) -> dict:
@@ -68,7 +88,9 @@ def make_project(dest: Path, params: dict, source_rows: int = 60) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "dvc.yaml", dest / "dvc.yaml")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(ROOT / "stages", dest / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("stages", "rlhf"):  # dvc.yaml's code deps (the code that runs is the installed package)
+        shutil.copytree(ROOT / code, dest / code, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / ".dvcignore", dest / ".dvcignore")
     data = dest / "data" / "tldr"
     data.mkdir(parents=True)
     df = pd.read_parquet(ROOT / "data" / "tldr" / "validation-1945.parquet").head(source_rows)

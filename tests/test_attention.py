@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from stages.attention import chunked_causal_attention, decode_attention, left_padding_starts
-from stages.modeling import generate, init_state, load_actors, make_model_available, pack, policy_logprobs
-from stages.params import parse_params
+from rlhf.models.attention import chunked_causal_attention, decode_attention, left_padding_starts
+from rlhf.models.checkpoint import init_state, load_actors
+from rlhf.models.passes import pack, policy_logprobs
+from rlhf.models.sampling import generate
+from rlhf.models.sources import make_model_available
+from rlhf.config.params import parse_params
 from test_models import perturb_adapter, prompts_and_responses
 
 

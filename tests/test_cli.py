@@ -2,7 +2,7 @@
 
 import yaml
 
-from conftest import ROOT, run
+from conftest import ROOT, run, stage
 
 
 def test_report_prints_the_true_lora_count():
@@ -15,7 +15,7 @@ def test_hub_unreachable_fails_fast_with_one_line(tmp_path):
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["policy_model"]["id"] = "Qwen/Qwen3-0.6B"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    result = run(["rlhf", "models", "policy"], tmp_path, check=False)
+    result = run(stage("base_model", "policy"), tmp_path, check=False)
     assert result.returncode == 2
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "'Qwen/Qwen3-0.6B'" in lines[0], result.stderr
@@ -33,7 +33,7 @@ def test_mission_preset_is_one_switch_and_fails_fast_offline(tmp_path):
     p = yaml.safe_load(text)
     assert p["policy_model"]["prompt_format"] == "chat" and p["reward_model"]["kind"] == "classifier"
     assert p["data"]["source"] == "trl-lib/tldr" and p["lora"]["r"] == 32 and p["policy_model"]["revision"] == "main"
-    result = run(["rlhf", "models", "reward"], tmp_path, check=False)
+    result = run(stage("base_model", "reward"), tmp_path, check=False)
     assert result.returncode == 2 and "'Skywork/Skywork-Reward-V2-Qwen3-8B'" in result.stderr
     run(["rlhf", "preset", "embedded"], tmp_path)
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["policy_model"]["id"].startswith("embedded:")

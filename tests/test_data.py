@@ -5,10 +5,10 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from conftest import ROOT
-from stages.params import parse_params
-from stages.prepare import clean_rows, tokenize_prompts
-from stages.schema import ArtifactError
+from conftest import ROOT, full_params
+from rlhf.config.params import parse_params
+from rlhf.data.prompts import clean_rows, tokenize_prompts
+from rlhf.artifacts.schema import ArtifactError
 
 
 def prompt(post: str, title: str = "A title") -> str:
@@ -71,12 +71,12 @@ def test_control_characters_and_bad_bytes_are_cleaned():
 
 def test_overlong_post_dropped_or_truncated_keeping_the_cue(tokenizer):
     long = prompt("word " * 3000)
-    base = parse_params({"data": {"max_prompt_tokens": 64}})
+    base = parse_params(full_params(data={"max_prompt_tokens": 64}))
     counts = Counter()
     df = clean_rows(frame([[long, " s"], [prompt("short"), " s"]]), counts)
     kept = tokenize_prompts(df, tokenizer, base, counts)
     assert len(kept) == 1 and counts["skipped_overlong"] == 1
-    trunc = parse_params({"data": {"max_prompt_tokens": 64, "overlong": "truncate"}})
+    trunc = parse_params(full_params(data={"max_prompt_tokens": 64, "overlong": "truncate"}))
     counts = Counter()
     out = tokenize_prompts(clean_rows(frame([[long, " s"]]), counts), tokenizer, trunc, counts)
     assert out.at[0, "prompt_length"] == 64 and counts["truncated_overlong"] == 1
@@ -94,7 +94,7 @@ def test_real_sample_quirks_pass_through(tokenizer):
 
 
 def test_chat_prompt_format_uses_qwen3_template_without_thinking(tokenizer):
-    params = parse_params({"policy_model": {"prompt_format": "chat"}})
+    params = parse_params(full_params(policy_model={"prompt_format": "chat"}))
     df = clean_rows(frame([[prompt("post"), " s"]]), Counter())
     out = tokenize_prompts(df, tokenizer, params, Counter())
     text = out.at[0, "prompt"]

@@ -6,11 +6,11 @@ import shutil
 import pytest
 import yaml
 
-from conftest import ROOT, run, tiny_params
+from conftest import ROOT, run, stage, tiny_params
 
 
-def torchrun(stage: str, cwd):
-    return run(["torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", "rlhf", stage], cwd)
+def torchrun(name: str, cwd):
+    return run(["torchrun", "--standalone", "--nproc-per-node", "2", *stage(name)[1:]], cwd)
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +23,24 @@ def workdir(tmp_path_factory, tiny_policy, tiny_reward):
     (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     (d / "data").mkdir()
     shutil.copytree(ROOT / "data/tldr", d / "data/tldr")
-    for cmd in (["models", "policy"], ["models", "reward"], ["prepare"], ["init", "--no-baseline", "--no-track"],
-                ["sample"]):
-        run(["rlhf", *cmd], d)
+    for cmd in (stage("base_model", "policy"), stage("base_model", "reward"), stage("prepare"),
+                ["rlhf", "init", "--no-baseline", "--no-track"], stage("sample")):
+        run(cmd, d)
     return d
 
 
 def test_sharded_stages_write_identical_artifacts_and_update(workdir):
     it = workdir / "data/iteration"
     single = {}
-    for stage, artifact in (("rollout", "rollout.parquet"), ("reward", "scores.parquet"),
-                            ("reference", "reference.parquet")):
-        run(["rlhf", stage], workdir)
+    for name, artifact in (("rollout", "rollout.parquet"), ("reward", "scores.parquet"),
+                           ("reference", "reference.parquet")):
+        run(stage(name), workdir)
         single[artifact] = (it / artifact).read_bytes()
-        torchrun(stage, workdir)
-        assert (it / artifact).read_bytes() == single[artifact], f"{stage}: 2-process artifact differs"
-    run(["rlhf", "advantages"], workdir)
+        torchrun(name, workdir)
+        assert (it / artifact).read_bytes() == single[artifact], f"{name}: 2-process artifact differs"
+    run(stage("advantages"), workdir)
 
-    run(["rlhf", "update"], workdir)
+    run(stage("update"), workdir)
     one = json.loads((workdir / "metrics/update.json").read_text())
     shutil.copytree(workdir / "models/next", workdir / "next-single")
     torchrun("update", workdir)

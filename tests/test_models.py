@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_params
-from stages.modeling import (
-    init_state, left_pad, load_actors, load_causal_lm, make_model_available, merged_policy, pack, policy_logprobs,
-    preallocated_cache, reference_logprobs, token_logprobs, length_sorted_groups,
+from rlhf.models.checkpoint import init_state, load_actors
+from rlhf.models.passes import (
+    left_pad, pack, policy_logprobs, reference_logprobs, token_logprobs, length_sorted_groups,
 )
-from stages.params import parse_params
-from stages.sampling import cache_kwarg
-from stages.rewards import ClassifierScorer, budget_batches, render_for_reward_model
+from rlhf.models.sampling import merged_policy, preallocated_cache
+from rlhf.models.sources import load_causal_lm, make_model_available
+from rlhf.config.params import parse_params
+from rlhf.models.sampling import cache_kwarg
+from rlhf.models.scorers import ClassifierScorer, budget_batches, render_for_reward_model
 
 
 @pytest.fixture
@@ -136,7 +138,7 @@ def test_budget_batches_respect_the_token_budget():
 
 
 def test_rm_accuracy_on_real_comparisons_with_the_shrunken_classifier(project, capsys):
-    from stages.rm_accuracy import run as rm_accuracy
+    from rlhf.reports.rm_accuracy import run as rm_accuracy
 
     report = rm_accuracy(project, ROOT / "data/tldr/comparisons-batch13-18.parquet", Path("rm.json"), limit=40)
     assert report["pairs"] == 40 and report["comparisons"] == 1771 and report["majority_ties_dropped"] > 0
@@ -145,7 +147,7 @@ def test_rm_accuracy_on_real_comparisons_with_the_shrunken_classifier(project, c
 
 
 def test_majority_vote_and_wilson_interval():
-    from stages.rm_accuracy import majority_pairs, wilson_interval
+    from rlhf.reports.rm_accuracy import majority_pairs, wilson_interval
 
     df = pd.DataFrame({
         "post_id": ["p"] * 3, "prompt": ["q"] * 3, "summary_0": ["a", "b", "a"], "summary_1": ["b", "a", "b"],
@@ -232,7 +234,7 @@ def test_preallocated_kv_cache_gives_the_same_generation_as_transformers_cache(p
 
 def test_adapter_switch_equals_peft_set_adapter_and_keeps_both_trainable(project):
     """Actors.use() switches over the layers found at load; it must route exactly as peft's set_adapter does."""
-    from stages.modeling import CRITIC_ADAPTER, POLICY_ADAPTER
+    from rlhf.models.actors import CRITIC_ADAPTER, POLICY_ADAPTER
 
     actors = load_actors(project, Path("state"), trainable=True)
     perturb_adapter(actors)  # both adapters' B ≠ 0 and different, so a wrong route changes the output
@@ -256,7 +258,7 @@ def test_adapter_switch_equals_peft_set_adapter_and_keeps_both_trainable(project
 
 def test_fused_lora_forward_equals_peft_in_fp32(project):
     """Actors' LoRA layers add (α/r)·B·A·x inside the GEMM; in fp32 that equals peft's forward, values and grads."""
-    from stages.modeling import CRITIC_ADAPTER
+    from rlhf.models.actors import CRITIC_ADAPTER
 
     actors = load_actors(project, Path("state"), trainable=True)
     perturb_adapter(actors)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run
-from stages.params import ParamsError, load_params, parse_params
+from conftest import ROOT, run, stage
+from rlhf.config.params import ParamsError, load_params, parse_params
 
 BASE = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -48,7 +48,42 @@ BAD = [
     ("seed", -1, "seed"),
     ("data.eval_size", 0, "data.eval_size"),
     ("optim.beta2", 1.0, "optim.beta2"),
+    ("optim.lr", float("inf"), "optim.lr"),
+    ("optim.lr", float("nan"), "optim.lr"),
+    ("kl.coef", float("inf"), "kl.coef"),
+    ("critic.head_init_std", float("nan"), "critic.head_init_std"),
+    ("policy_model.id", "", "policy_model.id"),
+    ("reward_model.id", "  ", "reward_model.id"),
+    ("lora.target_modules", [], "lora.target_modules"),
+    ("lora.target_modules", ["q_proj", ""], "lora.target_modules"),
+    ("paths.current", "", "paths.current"),
+    ("runtime.launcher", "", "runtime.launcher"),
+    ("kl.in_reward", False, "kl.estimator"),  # with the default k1: a loss term whose gradient is zero
 ]
+
+
+def test_kl_as_a_loss_term_needs_an_estimator_with_the_kls_gradient():
+    p = with_change("kl.in_reward", False)
+    with pytest.raises(ParamsError, match="expected gradient is zero"):
+        parse_params(p)
+    for estimator in ("k2", "k3"):
+        p["kl"]["estimator"] = estimator
+        assert parse_params(p).kl.estimator == estimator
+
+
+@pytest.mark.parametrize("section", sorted(BASE))
+def test_every_section_is_required(section):
+    p = copy.deepcopy(BASE)
+    del p[section]
+    with pytest.raises(ParamsError, match=rf"^{section}: missing"):
+        parse_params(p)
+
+
+def test_every_key_is_required():
+    p = copy.deepcopy(BASE)
+    del p["ppo"]["epochs"]  # the code has no default of its own to fall back on
+    with pytest.raises(ParamsError, match=r"^ppo\.epochs: missing"):
+        parse_params(p)
 
 
 def test_defaults_are_valid():
@@ -80,7 +115,7 @@ def test_unknown_keys_rejected():
 def test_cli_reports_one_line_and_writes_nothing(tmp_path: Path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("gae.lam", 3)))
     before = set(tmp_path.rglob("*"))
-    result = run(["rlhf", "prepare"], tmp_path, check=False)
+    result = run(stage("prepare"), tmp_path, check=False)
     assert result.returncode == 2
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "gae.lam" in lines[0] and "less than or equal to 1" in lines[0], result.stderr

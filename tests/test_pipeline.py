@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from conftest import copy_repo, ran_stages, run
+from conftest import copy_repo, ran_stages, run, stage
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_rollout_is_deterministic(project):
 def test_export_adapter_and_merged_give_the_same_logits(project):
     import torch
 
-    from stages.export import max_logit_difference
-    from stages.params import load_params
+    from rlhf.reports.export import max_logit_difference
+    from rlhf.config.params import load_params
 
     run(["rlhf", "export", "--out", "models/export"], project)
     assert (project / "models/export/adapter/adapter_model.safetensors").exists()
@@ -90,14 +90,14 @@ def test_export_adapter_and_merged_give_the_same_logits(project):
 def test_nan_advantage_aborts_update_and_writes_nothing(project):
     import math
 
-    from stages.schema import read_artifact, write_artifact
+    from rlhf.artifacts.schema import read_artifact, write_artifact
 
     path = project / "data/iteration/advantages.parquet"
     df = read_artifact(path, "advantages")
     df.at[0, "advantages"] = [math.nan] + list(df.at[0, "advantages"])[1:]
     write_artifact(df, "advantages", path)
     before = (project / "models/next/state.json").stat().st_mtime_ns
-    result = run(["rlhf", "update"], project, check=False)
+    result = run(stage("update"), project, check=False)
     assert result.returncode == 2
     assert "non-finite advantages" in result.stderr.strip().splitlines()[-1]
     assert (project / "models/next/state.json").stat().st_mtime_ns == before
@@ -108,13 +108,13 @@ def test_nan_reward_stops_advantages_and_writes_nothing(project):
 
     import pandas as pd
 
-    from stages.schema import write_artifact
+    from rlhf.artifacts.schema import write_artifact
 
     scores = project / "data/iteration/scores.parquet"
     out = project / "data/iteration/advantages.parquet"
     before = out.read_bytes()
     write_artifact(pd.DataFrame({"prompt_id": pd.read_parquet(scores)["prompt_id"],
                                  "score": [math.nan] + [0.5] * 3}), "scores", scores)
-    result = run(["rlhf", "advantages"], project, check=False)
+    result = run(stage("advantages"), project, check=False)
     assert result.returncode == 2 and "non-finite reward" in result.stderr.strip().splitlines()[-1]
     assert out.read_bytes() == before

@@ -31,7 +31,7 @@ def test_sample_report_compares_with_previous_iteration(project):
 
 @needs_browser
 def test_plots_and_report_render_in_headless_chromium(project):
-    from stages.plots import rendered_dom
+    from rlhf.reports.plots import rendered_dom
 
     cache = ROOT / ".cache" / "vega"
     out = run(["rlhf", "plots", "--screenshots", "--vega-cache", str(cache)], project).stdout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import ppo
+from rlhf import ppo
 
 rng = np.random.default_rng(0)
 

@@ -5,6 +5,7 @@ Skywork-architecture reward model, every stage through the CLI, recording wall t
 """
 
 import json
+from pathlib import Path
 import resource
 import shutil
 import time
@@ -12,17 +13,17 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, run
+from conftest import CONFIGS, ROOT, run, stage
 
 pytestmark = pytest.mark.realsize
 
 
 def test_real_size_iteration(tmp_path):
-    from stages.shrink import build_policy, build_reward
+    from rlhf.models.architectures import build_policy, build_reward
 
     t0 = time.perf_counter()
-    policy = build_policy(tmp_path / "qwen3-0.6b-random", torch_dtype="bfloat16")
-    reward = build_reward(tmp_path / "skywork-shrunk", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+    policy = build_policy(CONFIGS, tmp_path / "qwen3-0.6b-random", torch_dtype="bfloat16")
+    reward = build_reward(CONFIGS, tmp_path / "skywork-shrunk", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=4, head_dim=64)
     build_s = time.perf_counter() - t0
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -37,12 +38,14 @@ def test_real_size_iteration(tmp_path):
     shutil.copytree(ROOT / "data/tldr", work / "data/tldr")
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     rows = []
-    for cmd in (["models", "policy"], ["models", "reward"], ["prepare"], ["init", "--no-baseline", "--no-track"],
-                ["sample"], ["rollout"], ["reward"], ["reference"], ["advantages"], ["update"], ["evaluate"]):
+    commands = [stage("base_model", "policy"), stage("base_model", "reward"), stage("prepare"),
+                ["rlhf", "init", "--no-baseline", "--no-track"]]
+    commands += [stage(name) for name in ("sample", "rollout", "reward", "reference", "advantages", "update", "evaluate")]
+    for cmd in commands:
         start = time.perf_counter()
-        run(["rlhf", *cmd], work)
+        run(cmd, work)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # GiB, max over children so far
-        rows.append((" ".join(cmd), time.perf_counter() - start, peak))
+        rows.append((Path(cmd[1]).stem if cmd[0] != "rlhf" else "init", time.perf_counter() - start, peak))
     update = json.loads((work / "metrics/update.json").read_text())
     assert update["first_minibatch/ratio_max_abs_dev"] <= 1e-5
     print(f"\nbuild random Qwen3-0.6B + shrunk Skywork: {build_s:.0f}s")

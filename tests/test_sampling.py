@@ -4,8 +4,10 @@ from pathlib import Path
 
 import torch
 
-from stages.modeling import generate, left_pad, load_actors
-from stages.sampling import nucleus_filter, pick_tokens
+from rlhf.models.checkpoint import load_actors
+from rlhf.models.passes import left_pad
+from rlhf.models.sampling import generate
+from rlhf.models.sampling import nucleus_filter, pick_tokens
 from test_models import perturb_adapter, project, prompts_and_responses  # noqa: F401 (fixture)
 
 

@@ -1,4 +1,4 @@
-"""Warm start (stages/warm.py): stages forked from a process that imported torch once behave like direct runs."""
+"""Warm start (rlhf/runtime/warm_start.py): stages forked from a process that imported torch once behave like direct runs."""
 
 import hashlib
 import json
@@ -10,7 +10,7 @@ import time
 import psutil
 import yaml
 
-from conftest import BIN, ROOT, copy_repo, run
+from conftest import BIN, ROOT, copy_repo, run, stage
 
 
 def set_warm(repo, on: bool) -> None:
@@ -25,23 +25,23 @@ def sha(path) -> str:
 
 def test_warm_and_direct_runs_write_the_same_artifacts(tmp_path, trained_repo):
     repo = copy_repo(trained_repo, tmp_path / "repo")
-    run(["rlhf", "sample"], repo)
+    run(stage("sample"), repo)
     outputs = {"rollout": "rollout.parquet", "reward": "scores.parquet", "reference": "reference.parquet",
                "advantages": "advantages.parquet"}
     digests = {}
     for warm in (False, True):
         set_warm(repo, warm)
         usage = tmp_path / f"usage-{warm}.json"
-        for stage, out in outputs.items():
+        for name, out in outputs.items():
             usage.unlink(missing_ok=True)
-            run(["env", f"RLHF_WARM_RUSAGE={usage}", "rlhf", stage], repo)
-            digests[warm, stage] = sha(repo / "data" / "iteration" / out)
+            run(["env", f"RLHF_WARM_RUSAGE={usage}", *stage(name)], repo)
+            digests[warm, name] = sha(repo / "data" / "iteration" / out)
         # the rusage file is written only when a worker of the warm process ran the stage
         assert usage.exists() == warm
         if warm:
             assert json.loads(usage.read_text())["maxrss_kib"] > 50_000  # the worker imported torch (via the fork)
-    for stage in outputs:
-        assert digests[True, stage] == digests[False, stage], stage
+    for name in outputs:
+        assert digests[True, name] == digests[False, name], name
     assert "pid " in run(["rlhf", "warm", "status"], repo).stdout
 
 
@@ -51,17 +51,17 @@ def test_warm_worker_reports_errors_and_exit_code_like_a_direct_run(tmp_path, tr
     results = {}
     for warm in (False, True):
         set_warm(repo, warm)
-        results[warm] = run(["rlhf", "reward"], repo, check=False)
+        results[warm] = run(stage("reward"), repo, check=False)
     assert results[True].returncode == results[False].returncode == 2
     assert results[True].stderr.strip().splitlines()[-1] == results[False].stderr.strip().splitlines()[-1]
     assert "error:" in results[True].stderr
 
 
 def _worker_of(client: subprocess.Popen, repo) -> psutil.Process | None:
-    """The forked worker running the client's stage: a `stages.warm` process whose directory is the project."""
+    """The forked worker running the client's stage: an `rlhf.runtime.warm_start` process whose directory is the project."""
     for proc in psutil.process_iter(["cmdline", "cwd", "pid"]):
         try:
-            if proc.info["pid"] != client.pid and "stages.warm" in " ".join(proc.info["cmdline"] or []) \
+            if proc.info["pid"] != client.pid and "rlhf.runtime.warm_start" in " ".join(proc.info["cmdline"] or []) \
                     and proc.info["cwd"] == str(repo):
                 return proc
         except psutil.Error:
@@ -71,7 +71,7 @@ def _worker_of(client: subprocess.Popen, repo) -> psutil.Process | None:
 
 def _start_and_find_worker(repo):
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(ROOT)}
-    client = subprocess.Popen(["rlhf", "update"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+    client = subprocess.Popen(stage("update"), cwd=repo, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     worker = None
@@ -91,7 +91,7 @@ def test_killing_the_command_kills_its_worker(tmp_path, trained_repo):
     client.kill()
     client.wait()
     worker.wait(timeout=5)  # raises psutil.TimeoutExpired if the worker outlived its command
-    run(["rlhf", "update"], repo)  # and the stage still runs to the end afterwards
+    run(stage("update"), repo)  # and the stage still runs to the end afterwards
     assert (repo / "models" / "next" / "state.json").exists()
 
 
@@ -108,14 +108,14 @@ def test_sigterm_is_forwarded_and_becomes_the_exit_code(tmp_path, trained_repo):
 def test_key_changes_with_the_code_and_the_environment(tmp_path, monkeypatch):
     import shutil
 
-    from stages import warm
+    from rlhf.runtime import warm_start as warm
 
-    copy = tmp_path / "stages"
-    shutil.copytree(ROOT / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(warm, "stages_dir", lambda: copy)
+    copy = tmp_path / "rlhf"
+    shutil.copytree(ROOT / "rlhf", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(warm, "package_dir", lambda: copy)
     k0 = warm.key()
     assert warm.key() == k0
-    (copy / "ppo.py").write_text((copy / "ppo.py").read_text() + "\n# edited\n")
+    (copy / "models" / "sampling.py").write_text((copy / "models" / "sampling.py").read_text() + "\n# edited\n")
     k1 = warm.key()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     k2 = warm.key()

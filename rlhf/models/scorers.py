@@ -17,9 +17,9 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from stages.distributed import Dist
-from stages.modeling import _from_pretrained, is_causal, load_tokenizer
-from stages.params import RewardModel
+from rlhf.runtime.distributed import Dist
+from rlhf.models.sources import _from_pretrained, is_causal, load_tokenizer
+from rlhf.config.params import RewardModel
 
 
 class Scorer(Protocol):

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.common import log, write_json
-from stages.params import Params
-from stages.rewards import load_scorer
+from rlhf.artifacts.files import write_json
+from rlhf.runtime.log import log
+from rlhf.config.params import Params
+from rlhf.models.scorers import load_scorer
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:

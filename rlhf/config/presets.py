@@ -32,7 +32,7 @@ def apply(name: str, params_file: Path, revisions: dict[str, str | None] | None 
     """Merge the preset into params_file, validate the result, and write it back only if it is valid."""
     from ruamel.yaml import YAML
 
-    from stages.params import ParamsError, parse_params
+    from rlhf.config.params import ParamsError, parse_params
 
     if name not in PRESETS:
         raise ParamsError(f"preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
@@ -51,7 +51,7 @@ def apply(name: str, params_file: Path, revisions: dict[str, str | None] | None 
     import yaml as pyyaml
 
     parse_params(pyyaml.safe_load(buf.getvalue()))  # raises before anything is written
-    from stages.schema import atomic_write_text
+    from rlhf.artifacts.files import atomic_write_text
 
     atomic_write_text(params_file, buf.getvalue())
     return PRESETS[name]

@@ -4,11 +4,12 @@ device from the real configs (no weights needed). Defaults to the mission archit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from stages.params import Params
-from stages.shrink import QWEN3_DIR, SKYWORK_CONFIG, qwen3_config
+from rlhf.config.params import Params
+from rlhf.models.architectures import QWEN3, SKYWORK_CONFIG, qwen3_config
 
 GiB = 1024**3
 
@@ -24,11 +25,11 @@ class Counts:
     vocab: int
 
 
-def count_policy(lora_r: int, lora_alpha: float, targets: tuple[str, ...]) -> Counts:
+def count_policy(configs: Path, lora_r: int, lora_alpha: float, targets: tuple[str, ...]) -> Counts:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3ForCausalLM
 
-    cfg = qwen3_config(QWEN3_DIR / "config.json", num_hidden_layers=28)
+    cfg = qwen3_config(Path(configs) / QWEN3 / "config.json", num_hidden_layers=28)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     base = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
@@ -38,10 +39,10 @@ def count_policy(lora_r: int, lora_alpha: float, targets: tuple[str, ...]) -> Co
                   cfg.num_attention_heads, cfg.vocab_size)
 
 
-def count_reward() -> int:
+def count_reward(configs: Path) -> int:
     from transformers import Qwen3ForSequenceClassification
 
-    cfg = qwen3_config(SKYWORK_CONFIG, num_labels=1, num_hidden_layers=36)
+    cfg = qwen3_config(Path(configs) / SKYWORK_CONFIG, num_labels=1, num_hidden_layers=36)
     with torch.device("meta"):
         model = Qwen3ForSequenceClassification(cfg)
     return sum(p.numel() for p in model.parameters())
@@ -56,10 +57,10 @@ def activation_bytes(c: Counts, micro_batch: int, seq: int, response: int) -> in
     return c.layers * per_layer + logits
 
 
-def memory_table(params: Params, prompt_tokens: int = 512) -> list[tuple[str, float, str]]:
-    c = count_policy(params.lora.r, params.lora.alpha, params.lora.target_modules)
-    critic_lora = count_policy(params.critic.lora_r, params.critic.lora_alpha, params.lora.target_modules).lora
-    reward = count_reward()
+def memory_table(params: Params, configs: Path, prompt_tokens: int = 512) -> list[tuple[str, float, str]]:
+    c = count_policy(configs, params.lora.r, params.lora.alpha, params.lora.target_modules)
+    critic_lora = count_policy(configs, params.critic.lora_r, params.critic.lora_alpha, params.lora.target_modules).lora
+    reward = count_reward(configs)
     seq = prompt_tokens + params.rollout.max_new_tokens
     bf16, fp32 = 2, 4
     critic_trainable = critic_lora + c.hidden + 1 if params.critic.mode == "lora" else c.base + c.hidden + 1
@@ -78,12 +79,12 @@ def memory_table(params: Params, prompt_tokens: int = 512) -> list[tuple[str, fl
     return rows
 
 
-def render(params: Params) -> str:
-    c = count_policy(params.lora.r, params.lora.alpha, params.lora.target_modules)
+def render(params: Params, configs: Path) -> str:
+    c = count_policy(configs, params.lora.r, params.lora.alpha, params.lora.target_modules)
     lines = [f"Qwen3-0.6B with LoRA r={params.lora.r} on {','.join(params.lora.target_modules)}: "
              f"{c.lora:,} trainable of {c.base + c.lora:,} ({100 * c.lora / (c.base + c.lora):.2f}%)", "",
              "| component | GiB | notes |", "|---|---:|---|"]
-    rows = memory_table(params)
+    rows = memory_table(params, configs)
     lines += [f"| {name} | {gib:.2f} | {note} |" for name, gib, note in rows]
     lines.append(f"| **total (one process)** | **{sum(r[1] for r in rows):.2f}** | |")
     return "\n".join(lines)

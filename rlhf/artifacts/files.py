@@ -1,25 +1,34 @@
-"""Small helpers shared by the stage modules: iteration state, JSON metrics, seeds, folder swaps."""
+"""Files of the project: atomic writes, JSON metrics, the iteration state file and crash-safe folder swaps."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import sys
+import tempfile
 from pathlib import Path
 
-from stages.schema import atomic_write_text
-
-
-class ModelError(RuntimeError):
-    """A model could not be made available; the message is one line for the user."""
-
-
-class StateError(RuntimeError):
-    """The project's iteration state is missing or inconsistent; one line for the user."""
-
 STATE_FILE = "state.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
 
 
 def read_state(state_dir: str | Path) -> dict:
@@ -36,12 +45,6 @@ def write_json(path: str | Path, obj: dict) -> None:
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A stable 31-bit seed from the global seed and labels such as ("rollout", iteration)."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def recover_dir(final: Path) -> None:
@@ -69,7 +72,3 @@ def fresh_tmp_dir(final: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -7,13 +7,14 @@ their metadata and are validated on read; a problem raises ArtifactError naming 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from rlhf.artifacts.files import atomic_write_bytes
+from rlhf.errors import ArtifactError  # noqa: F401 - raised here, part of this module's contract
 
 SCHEMA_VERSION = "1"
 _META_KEY = b"rlhf_dvc.schema"
@@ -84,29 +85,6 @@ PER_TOKEN = {
     "reference": ("ref_logprobs", "values"),
     "advantages": ("kl", "rewards", "advantages", "returns"),
 }
-
-
-class ArtifactError(RuntimeError):
-    pass
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_artifact(df: pd.DataFrame, kind: str, path: str | Path) -> None:

@@ -1,5 +1,5 @@
-"""`rlhf params-doc`: the params reference, generated from the typed params (types, defaults, allowed values) and
-the comments in params.yaml (descriptions)."""
+"""`rlhf params-doc`: the params reference, generated from the typed params (types, allowed values) and params.yaml
+(values and, from its comments, descriptions)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from stages.params import Params
+from rlhf.config.params import Params
 
 
 def _constraint(field) -> str:
@@ -48,11 +48,11 @@ def yaml_comments(path: Path) -> dict[str, str]:
 
 
 def render(params_file: Path) -> str:
-    """One row per key; the value column is params.yaml's value (the code default where the file omits a key)."""
-    from stages.params import load_params
+    """One row per key; the value column is params.yaml's value (the file sets every key)."""
+    from rlhf.config.params import load_params
 
-    comments = yaml_comments(params_file) if params_file.exists() else {}
-    values = load_params(params_file) if params_file.exists() else Params()
+    values = load_params(params_file)
+    comments = yaml_comments(params_file)
     lines = ["| key | type | value | allowed | description |", "|---|---|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str, current) -> None:
@@ -69,4 +69,6 @@ def render(params_file: Path) -> str:
 
     walk(Params, "", values)
     return "\n".join(lines) + "\n\nAlso checked: `rollout.batch_size` divisible by `rollout.micro_batch_size × " \
-                              "ppo.num_minibatches`; paths relative and inside the project; unknown keys rejected.\n"
+                              "ppo.num_minibatches`; paths relative and inside the project; floats finite; ids, paths and module lists " \
+                              "non-empty; `kl.estimator: k1` only with `kl.in_reward: true`; every key present, unknown keys " \
+                              "rejected.\n"

@@ -16,13 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from stages import evaluate, samples_report
-from stages.common import (
-    STATE_FILE, StateError, fresh_tmp_dir, log, read_json, read_state, replace_dir, write_json,
+from rlhf.artifacts.files import (
+    STATE_FILE, atomic_write_text, fresh_tmp_dir, read_json, read_state, replace_dir, write_json,
 )
-from stages.modeling import init_state
-from stages.params import Params
-from stages.schema import atomic_write_text
+from rlhf.config.params import Params
+from rlhf.errors import StateError
+from rlhf.reports import samples as samples_report
+from rlhf.runtime.log import log
 
 EVAL_COLUMNS = ["iteration", "eval/reward_mean", "eval/reward_std", "eval/kl_mean", "eval/length_mean", "eval/eos_rate"]
 # Iteration k's training row describes the update that produced it (rollout of k − 1), so it starts at 1.
@@ -59,7 +59,7 @@ def append_history(params: Params, row: dict) -> None:
 
 
 def _env() -> dict:
-    """Stage commands call `rlhf`; make this interpreter's bin folder win, activated venv or not."""
+    """Stage commands call `python`; make this interpreter's bin folder win, activated venv or not."""
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
@@ -81,14 +81,18 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
         raise StateError(f"{current} already holds iteration {read_state(current)['iteration']}; use --force to reset")
     if not Path(params.paths.policy_model).exists():
         raise StateError(f"{params.paths.policy_model} missing: run `dvc repro policy_model` first")
+    from rlhf.models.checkpoint import init_state  # torch: imported only by the commands that make models
+
     tmp = fresh_tmp_dir(current)
     init_state(params, tmp)
     write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed})
     replace_dir(tmp, current)
     log(f"init: iteration 0 written to {current}")
     if evaluate_baseline:
+        from rlhf.evaluation import evaluate
+
         metrics_dir = Path(params.paths.metrics)
-        metrics = evaluate.run(params, current, metrics_dir / "eval_initial.json", metrics_dir / "samples_initial.md")
+        metrics = evaluate(params, current, metrics_dir / "eval_initial.json", metrics_dir / "samples_initial.md")
         append_history(params, metrics)
         samples_report.archive(metrics_dir / "samples_initial.jsonl", metrics_dir, 0)
         samples_report.write(metrics_dir, 0)

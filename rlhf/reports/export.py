@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
-from stages.common import fresh_tmp_dir, log, read_state, replace_dir
-from stages.modeling import POLICY_ADAPTER, load_causal_lm, load_tokenizer
-from stages.params import Params
+from rlhf.artifacts.files import fresh_tmp_dir, read_state, replace_dir
+from rlhf.runtime.log import log
+from rlhf.models.actors import POLICY_ADAPTER
+from rlhf.models.sources import load_causal_lm, load_tokenizer
+from rlhf.config.params import Params
 
 
 def run(params: Params, state_dir: Path, out_dir: Path, dtype: str = "float32") -> None:

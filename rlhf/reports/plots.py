@@ -10,7 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from stages.common import log
+from rlhf.runtime.log import log
 
 VEGA_PACKAGES = {"vega": "5.20.2", "vega-lite": "5.2.0", "vega-embed": "6.18.2"}  # the versions dvc-render links
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.schema import atomic_write_text
+from rlhf.artifacts.files import atomic_write_text
 
 
 def archive(samples_jsonl: Path, metrics_dir: Path, iteration: int) -> Path:

@@ -1,4 +1,5 @@
-"""The `rlhf` command: one sub-command per DVC stage, plus the project commands init / advance / train."""
+"""The `rlhf` command: the project commands (init / advance / train) and the tools around the pipeline. The DVC stages
+themselves are the scripts in stages/ (`python stages/<name>.py`)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from typing import Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="RLHF with PPO + LoRA as a DVC pipeline. Stages read params.yaml; `dvc repro` calls them.")
+                  help="RLHF with PPO + LoRA as a DVC pipeline. `dvc repro` runs one iteration (stages/*.py); these are the commands around it.")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
 
 
 def _params(path: Path):
-    from stages.params import load_params
+    from rlhf.config.params import load_params
 
     params = load_params(path)
-    if params.runtime.threads > 0:  # torch only when asked: stages without models never import it
+    if params.runtime.threads > 0:  # torch only when asked: commands without models never import it
         import torch
 
         torch.set_num_threads(params.runtime.threads)
@@ -26,72 +27,12 @@ def _params(path: Path):
 
 
 def _run(fn, *args) -> None:
-    """Run a stage; expected failures become one line on stderr and exit code 2 (no traceback)."""
-    from stages.common import ModelError, StateError
-    from stages.params import ParamsError
-    from stages.schema import ArtifactError
+    """Expected failures become one line on stderr and exit code 2 (no traceback), as in the stage scripts."""
+    from rlhf.runtime.stage import guarded
 
-    try:
-        fn(*args)
-    except (ParamsError, ModelError, ArtifactError, StateError, FloatingPointError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
-
-
-@app.command()
-def models(role: str = typer.Argument(..., help="policy or reward"), params: Path = ParamsOpt):
-    """Make the policy or reward base model available under models/base/."""
-    from stages import models as stage
-
-    _run(lambda: stage.run(_params(params), role))
-
-
-def _warm(params: Path) -> None:
-    """With runtime.warm_start, run this command in a fork of the warm process (stages/warm.py) and exit with its
-    code; otherwise (or if that is not possible) return and run it here."""
-    from stages.params import ParamsError, load_params
-
-    try:
-        runtime = load_params(params).runtime
-    except (ParamsError, OSError):
-        return  # the direct run reports the problem
-    if runtime.warm_start:
-        from stages import warm
-
-        code = warm.delegate(sys.argv, runtime.launcher)
-        if code is not None:
-            raise typer.Exit(code)
-
-
-def _stage(name: str, doc: str, forked: bool = True):
-    def command(params: Path = ParamsOpt):
-        import importlib
-
-        if forked:
-            _warm(params)
-        _run(lambda: importlib.import_module(f"stages.{name}").run(_params(params)))
-
-    command.__doc__ = doc
-    app.command(name=name)(command)
-
-
-_stage("prepare", "Clean, tokenise and split the TL;DR prompts.")
-_stage("sample", "Pick this iteration's prompt batch from (seed, iteration).", forked=False)  # no torch: starts fast
-_stage("rollout", "Sample responses from the current policy.")
-_stage("reward", "Score responses with the reward model.")
-_stage("reference", "Reference log-probs and critic values per token.")
-_stage("advantages", "KL-shaped rewards, GAE advantages and returns.")
-_stage("update", "PPO epochs on the LoRA policy and the critic; writes models/next.")
-
-
-@app.command()
-def evaluate(params: Path = ParamsOpt,
-             state: Optional[Path] = typer.Option(None, help="state folder (default: paths.next)")):
-    """Held-out reward, KL, length and EOS rate of a policy state, plus a sample table."""
-    _warm(params)
-    from stages import evaluate as stage
-
-    _run(lambda: stage.run(_params(params), state))
+    code = guarded(lambda: fn(*args))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -99,7 +40,7 @@ def init(params: Path = ParamsOpt, force: bool = typer.Option(False, help="overw
          baseline: bool = typer.Option(True, help="evaluate iteration 0 into metrics/eval_initial.json"),
          track: bool = typer.Option(True, help="`dvc add` the state folder")):
     """Create iteration 0 (fresh LoRA adapter, critic, value head) deterministically from the seed."""
-    from stages import state as st
+    from rlhf import project as st
 
     _run(lambda: st.init(_params(params), force, baseline, track))
 
@@ -107,7 +48,7 @@ def init(params: Path = ParamsOpt, force: bool = typer.Option(False, help="overw
 @app.command()
 def advance(params: Path = ParamsOpt, track: bool = typer.Option(True, help="`dvc add` the state folder")):
     """Promote models/next to models/current and record the iteration in metrics/history.csv."""
-    from stages import state as st
+    from rlhf import project as st
 
     _run(lambda: st.advance(_params(params), track))
 
@@ -119,7 +60,7 @@ def train(params: Path = ParamsOpt,
           tag_prefix: str = typer.Option("iter-", help="tag name prefix"),
           push: bool = typer.Option(False, help="dvc push every iteration's state to the default remote")):
     """Run N PPO iterations: dvc repro + advance, N times."""
-    from stages import state as st
+    from rlhf import project as st
 
     def go():
         p = _params(params)
@@ -145,7 +86,7 @@ def export(params: Path = ParamsOpt,
            state: Optional[Path] = typer.Option(None, help="state folder (default: paths.current)"),
            out: Path = typer.Option(Path("models/export"), help="output folder (adapter/ and merged/)")):
     """Write the policy as a peft adapter folder and as a merged model folder."""
-    from stages import export as stage
+    from rlhf.reports import export as stage
 
     def go():
         p = _params(params)
@@ -160,7 +101,7 @@ def rm_accuracy(params: Path = ParamsOpt,
                 out: Path = typer.Option(Path("metrics/rm_accuracy.json")),
                 limit: Optional[int] = typer.Option(None, help="score only the first N pairs")):
     """Reward-model accuracy on real human TL;DR preferences, with a 95% interval and a confidence breakdown."""
-    from stages import rm_accuracy as stage
+    from rlhf.reports import rm_accuracy as stage
 
     _run(lambda: stage.run(_params(params), comparisons, out, limit))
 
@@ -170,7 +111,7 @@ def plots(out: Path = typer.Option(Path("metrics/plots"), help="output folder"),
           vega_cache: Path = typer.Option(Path(".cache/vega"), help="where the vega npm packages are kept"),
           screenshots: bool = typer.Option(False, help="also write PNGs of the plots and the sample report")):
     """Render `dvc plots show` to offline HTML; optionally screenshot it and the sample report (headless Chromium)."""
-    from stages import plots as stage
+    from rlhf.reports import plots as stage
 
     page = stage.render(out, vega_cache)
     if screenshots:
@@ -186,7 +127,7 @@ def preset(name: str = typer.Argument(..., help="mission or embedded"), params: 
            policy_revision: Optional[str] = typer.Option(None, help="pin the policy's hub revision"),
            reward_revision: Optional[str] = typer.Option(None, help="pin the reward model's hub revision")):
     """Switch params.yaml to a named configuration (comments kept); then `rlhf init --force` and `dvc repro`."""
-    from stages import presets
+    from rlhf.config import presets
 
     def go():
         revs = {"policy_model": policy_revision, "reward_model": reward_revision}
@@ -200,7 +141,7 @@ def preset(name: str = typer.Argument(..., help="mission or embedded"), params: 
 @app.command()
 def warm(action: str = typer.Argument("status", help="status or stop")):
     """The warm process that model stages fork from (runtime.warm_start): list it, or stop it."""
-    from stages import warm as w
+    from rlhf.runtime import warm_start as w
 
     if action == "stop":
         typer.echo(f"stopped {w.stop_all()} warm process(es)")
@@ -214,18 +155,19 @@ def warm(action: str = typer.Argument("status", help="status or stop")):
 @app.command("params-doc")
 def params_doc(params: Path = ParamsOpt):
     """Print the params reference (Markdown) generated from the typed params and params.yaml's comments."""
-    from stages.params_doc import render
+    from rlhf.config.reference import render
 
     _run(lambda: typer.echo(render(params)))
 
 
 @app.command()
-def report(params: Path = ParamsOpt):
+def report(params: Path = ParamsOpt,
+           configs: Path = typer.Option(Path("models/configs"), help="folder with the mission models' configs")):
     """LoRA trainable count and per-component memory estimate for the mission models (meta device)."""
     def go():
-        from stages.report import render
+        from rlhf.reports.memory import render
 
-        typer.echo(render(_params(params)))
+        typer.echo(render(_params(params), configs))
 
     _run(go)
 

@@ -1,23 +1,25 @@
 """Warm start: import torch / transformers / peft once, run each model stage in a fork of that process.
 
 Every model stage is its own command (that is what lets DVC cache and rerun stages one by one), and each of them
-used to spend ~3.5 s of a 2-core CPU importing the same libraries before touching a tensor. With
-`runtime.warm_start: true` the first stage that needs them starts a *warm process* that does the imports (and
-nothing else: no tensor op, so no thread pool exists yet and fork() is safe), then listens on a Unix socket. Each
-later `rlhf <stage>` connects, hands over its argv, working directory, environment and stdin/stdout/stderr, and the
-warm process forks a fresh worker for it. The worker is a new process per stage, exactly as before: it parses
+used to spend seconds importing the same libraries before touching a tensor. With `runtime.warm_start: true` the
+first stage that needs them starts a *warm process* that does the imports (and nothing else: no tensor op, so no
+thread pool exists yet and fork() is safe), then listens on a Unix socket. Each later `python stages/<name>.py`
+connects (rlhf/runtime/stage.py), hands over its argv, working directory, environment and stdin/stdout/stderr, and
+the warm process forks a fresh worker that runs the script. The worker is a new process per stage, exactly as before: it parses
 params.yaml, loads its models and exits; only the already-imported modules are shared (copy-on-write).
 
 What keeps this safe:
-- The socket's name is a hash of the interpreter, the `stages` code (file contents), the installed packages'
-  folders and the environment variables read at import time; edit the code or the environment and the next stage
+- The socket's name is a hash of the interpreter, the `rlhf` package (every file's contents), the installed
+  packages' folders and the environment variables read at import time (the stage script itself is read afresh by
+  each worker); edit the code or the environment and the next stage
   starts a new warm process, the old one exits when idle.
-- The `rlhf` command stays in the foreground for the whole stage: it forwards SIGINT/SIGTERM/SIGHUP to the worker,
+- The stage's own process stays in the foreground for the whole stage: it forwards SIGINT/SIGTERM/SIGHUP to the worker,
   and if it dies (even by SIGKILL) its connection closes and the worker is killed at once, so `dvc repro`
   interruptions behave as with a direct run. The exit code (or signal) of the worker becomes the command's.
 - Any problem reaching or starting the warm process falls back to running the stage in the command's own process.
 - It exits after RLHF_WARM_IDLE seconds (default 300) without a stage; `rlhf warm stop` stops it now.
-- Data-parallel runs (`runtime.launcher` set, or WORLD_SIZE in the environment) always run directly.
+- Sockets live in a private per-user folder, or in $RLHF_WARM_DIR when set (the test suite uses its own).
+- Processes started by torchrun (data-parallel runs) always run directly.
 """
 
 from __future__ import annotations
@@ -45,21 +47,23 @@ KEY_ENV_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "TORCH",
                     "CUDA", "NCCL", "PYTHON", "LD_", "MALLOC", "XDG_CACHE_HOME", "RLHF_")
 PRELOAD = ("torch", "pandas", "pyarrow.parquet", "transformers", "peft", "transformers.models.llama.modeling_llama",
            "transformers.models.qwen3.modeling_qwen3", "transformers.models.bert.modeling_bert",
-           "stages.modeling", "stages.rewards", "stages.rollout", "stages.reward", "stages.reference",
-           "stages.advantages", "stages.update", "stages.evaluate", "stages.prepare")
+           "rlhf.models.checkpoint", "rlhf.models.passes", "rlhf.models.sampling", "rlhf.models.scorers",
+           "rlhf.models.attention", "rlhf.training.advantages", "rlhf.training.ppo_update", "rlhf.evaluation",
+           "rlhf.data.prompts")
+DIR_ENV = "RLHF_WARM_DIR"  # where the sockets live (default: a private folder per user under the temp dir)
 MAX_MSG = 1 << 20
 
 
-def stages_dir() -> Path:
-    return Path(__file__).resolve().parent
+def package_dir() -> Path:
+    return Path(__file__).resolve().parent.parent
 
 
 def key() -> str:
     """What a warm process's imports depend on; a different key means a different warm process."""
     h = hashlib.sha256()
-    h.update(f"{sys.executable}\0{sys.version}\0{stages_dir()}\0".encode())
-    for path in sorted(stages_dir().glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(f"{sys.executable}\0{sys.version}\0{package_dir()}\0".encode())
+    for path in sorted(package_dir().rglob("*.py")):
+        h.update(str(path.relative_to(package_dir())).encode() + b"\0" + path.read_bytes() + b"\0")
     for entry in sys.path:  # a pip install / uninstall changes a site-packages folder's mtime
         if entry.endswith("-packages") and os.path.isdir(entry):
             h.update(f"{entry}\0{os.stat(entry).st_mtime_ns}\0".encode())
@@ -71,20 +75,20 @@ def key() -> str:
 
 def socket_dir() -> Path:
     """A per-user folder only its owner can enter (the socket runs code as that user)."""
-    d = Path(tempfile.gettempdir()) / f"rlhf-warm-{os.getuid()}"
-    d.mkdir(mode=0o700, exist_ok=True)
+    d = Path(os.environ.get(DIR_ENV) or Path(tempfile.gettempdir()) / f"rlhf-warm-{os.getuid()}")
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = d.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise PermissionError(f"{d}: not a private folder of this user")
     return d
 
 
-# ---- the `rlhf <stage>` side --------------------------------------------------------------------------------------
+# ---- the stage's side ----------------------------------------------------------------------------------------
 
 
-def delegate(argv: list[str], launcher: str) -> int | None:
-    """Run this command in a worker of the warm process; its exit code, or None to run it here instead."""
-    if os.environ.get(WORKER_ENV) or launcher or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def delegate(argv: list[str]) -> int | None:
+    """Run this stage script (argv[0]) in a worker of the warm process; its exit code, or None to run it here."""
+    if os.environ.get(WORKER_ENV) or "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
     try:
         conn = _connect_or_start(key())
@@ -165,10 +169,10 @@ def _connect_or_start(k: str) -> socket.socket:
         except OSError:
             path.unlink(missing_ok=True)  # a warm process that was killed leaves its socket file behind
         log = open(d / f"{k}.log", "ab")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stages_dir().parent), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_dir().parent), os.environ.get("PYTHONPATH", "")])}
         env.pop(RUSAGE_ENV, None)
         idle = os.environ.get(IDLE_ENV, "300")
-        proc = subprocess.Popen([sys.executable, "-m", "stages.warm", str(path), idle], cwd=stages_dir().parent,
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf.runtime.warm_start", str(path), idle], cwd=package_dir().parent,
                                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -192,8 +196,8 @@ def serve(path: Path, idle_s: float) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
-    if Path(sys.modules["stages.modeling"].__file__).resolve().parent != stages_dir():
-        raise RuntimeError("imported a different stages package than the one in the socket's key")
+    if Path(sys.modules["rlhf.models.checkpoint"].__file__).resolve().parent.parent != package_dir():
+        raise RuntimeError("imported a different rlhf package than the one in the socket's key")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(path))  # only now can a client connect: the imports are done
     listener.listen(16)
@@ -277,7 +281,7 @@ def _wait(pid: int, conn: socket.socket):
 
 
 def _work(request: dict, fds: list[int]) -> None:
-    """Become the client's process: its stdio, directory, environment and argv; run the CLI; exit."""
+    """Become the client's process: its stdio, directory, environment and argv; run its stage script; exit."""
     code = 1
     try:
         for target, fd in enumerate(fds):
@@ -293,10 +297,10 @@ def _work(request: dict, fds: list[int]) -> None:
         sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", buffering=1 if tty else -1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
-        from stages.cli import app
+        import runpy
 
         try:
-            app(args=sys.argv[1:], prog_name="rlhf")
+            runpy.run_path(sys.argv[0], run_name="__main__")  # the script calls run_stage, which exits
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
@@ -327,7 +331,7 @@ def running() -> list[tuple[int, Path]]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"stages.warm" in cmdline:
+        if b"rlhf.runtime.warm_start" in cmdline:
             found.append((pid, pid_file.with_suffix(".sock")))
     return found
 

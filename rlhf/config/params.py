@@ -1,0 +1,249 @@
+"""Typed, frozen, validated view of params.yaml.
+
+params.yaml is the single source of hyperparameters and paths: the models here declare types and ranges but no
+default values, so a params file must set every key (a missing section or key stops with one line naming it, and
+the code can never silently run with values of its own). Every section is a frozen pydantic model with
+`extra="forbid"`, so an unknown key, a wrong type or an out-of-range value stops with one line naming the key.
+Derived sizes (micro-batches per minibatch, ...) are properties here, never written back into the YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
+EMBEDDED_SCORER = "embedded:all-minilm-l6-v2"
+
+
+class ParamsError(ValueError):
+    """A params problem, rendered as one line that names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, validate_default=True, allow_inf_nan=False,
+                              str_strip_whitespace=True)
+
+
+NonEmpty = Field(min_length=1)
+
+
+class Paths(_Section):
+    source_data: str = NonEmpty
+    policy_model: str = NonEmpty
+    reward_model: str = NonEmpty
+    current: str = NonEmpty
+    next: str = NonEmpty
+    prepared: str = NonEmpty
+    iteration: str = NonEmpty
+    metrics: str = NonEmpty
+
+    @model_validator(mode="after")
+    def _inside_project(self) -> "Paths":
+        for key, value in self.model_dump().items():
+            p = Path(value)
+            if p.is_absolute() or ".." in p.parts:
+                raise ValueError(f"{key}: path must be relative and stay inside the project (got {value!r})")
+        return self
+
+
+class PolicyModel(_Section):
+    id: str = NonEmpty
+    revision: str | None
+    dtype: Literal["float32", "bfloat16"]
+    trust_remote_code: bool
+    prompt_format: Literal["raw", "chat"]
+    # chunked: our causal attention for the unpadded training/scoring passes (rlhf/models/attention.py), SDPA elsewhere
+    attention: Literal["chunked", "sdpa", "eager"]
+    # A separate frozen reference model; null means "the policy with its LoRA adapter disabled".
+    reference: str | None
+
+
+class RewardModel(_Section):
+    id: str = NonEmpty
+    revision: str | None
+    kind: Literal["similarity", "classifier"]
+    dtype: Literal["float32", "bfloat16"]
+    trust_remote_code: bool
+    attention: Literal["chunked", "sdpa", "eager"]  # chunked only helps causal (decoder) reward models
+    max_length: int = Field(ge=16)
+    token_budget: int = Field(ge=16)
+
+
+class Data(_Section):
+    source: str  # "local" (paths.source_data) or a hub dataset id such as trl-lib/tldr
+    split: str
+    eval_size: int = Field(ge=1)
+    max_prompt_tokens: int = Field(ge=8)
+    overlong: Literal["drop", "truncate"]
+
+
+class Lora(_Section):
+    r: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: tuple[Annotated[str, StringConstraints(min_length=1)], ...] = Field(min_length=1)
+
+
+class Critic(_Section):
+    mode: Literal["lora", "full"]
+    lora_r: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    # Small on purpose: with a random head of std 1/sqrt(d) the initial values have std ~ |h|/sqrt(d) ≫ the reward's,
+    # and with λ≈1 that noise, not the score, would drive the first updates.
+    head_init_std: float = Field(ge=0)
+
+
+class Rollout(_Section):
+    batch_size: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1)
+    micro_batch_size: int = Field(ge=1)
+    generation_chunk: int = Field(ge=1)  # prompts per generate() call; the unit shared out across processes
+
+
+class KL(_Section):
+    coef: float = Field(ge=0)
+    estimator: Literal["k1", "k2", "k3"]
+    in_reward: bool
+
+    @model_validator(mode="after")
+    def _gradient_is_the_kl(self) -> "KL":
+        # As a loss term only the gradient matters: k1 = log π − log π_ref has E_π[∇k1] = E_π[∇log π] = 0, so the
+        # penalty would silently do nothing. k2's gradient is the KL's; k3's is the reverse KL's.
+        if not self.in_reward and self.estimator == "k1":
+            raise ValueError("kl.estimator: k1 cannot be a loss term (kl.in_reward: false): its expected gradient is "
+                             "zero, so the penalty would do nothing; use k2 or k3, or kl.in_reward: true")
+        return self
+
+
+class Shaping(_Section):
+    missing_eos_penalty: float | None = Field(ge=0)
+    whiten_rewards: bool
+
+
+class Gae(_Section):
+    gamma: float = Field(ge=0, le=1)
+    lam: float = Field(ge=0, le=1)
+    whiten_advantages: bool
+
+
+class Ppo(_Section):
+    epochs: int = Field(ge=1)
+    num_minibatches: int = Field(ge=1)
+    clip_eps: float = Field(gt=0)
+    clip_eps_value: float = Field(gt=0)
+    vf_coef: float = Field(gt=0)
+    max_grad_norm: float | None = Field(gt=0)
+
+
+class Optim(_Section):
+    lr: float = Field(gt=0)
+    critic_lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)
+    eps: float = Field(gt=0)
+    schedule: Literal["constant", "linear", "cosine"]
+    warmup_iterations: int = Field(ge=0)
+    total_iterations: int = Field(ge=1)
+
+
+class Eval(_Section):
+    greedy: bool
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1)
+    table_rows: int = Field(ge=0)
+
+
+class Train(_Section):
+    iterations: int = Field(ge=1)
+
+
+class Runtime(_Section):
+    launcher: str = Field(min_length=1)  # runs the data-parallel stages' scripts in dvc.yaml (or torchrun)
+    threads: int = Field(ge=0)  # 0: torch's default
+    progress: Literal["auto", "on", "off"]
+    warm_start: bool  # model stages fork from one process that has imported torch/transformers (stages/warm.py)
+
+
+class Params(_Section):
+    seed: int = Field(ge=0)
+    paths: Paths
+    policy_model: PolicyModel
+    reward_model: RewardModel
+    data: Data
+    lora: Lora
+    critic: Critic
+    rollout: Rollout
+    kl: KL
+    shaping: Shaping
+    gae: Gae
+    ppo: Ppo
+    optim: Optim
+    eval: Eval
+    train: Train
+    runtime: Runtime
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        mb, groups = self.rollout.micro_batch_size, self.ppo.num_minibatches
+        if self.rollout.batch_size % (mb * groups) != 0:
+            raise ValueError(
+                f"rollout.batch_size: must be divisible by rollout.micro_batch_size × ppo.num_minibatches "
+                f"= {mb} × {groups} (got {self.rollout.batch_size})"
+            )
+        if self.reward_model.id == EMBEDDED_SCORER and self.reward_model.kind != "similarity":
+            raise ValueError("reward_model.kind: the embedded MiniLM scorer only supports 'similarity'")
+        return self
+
+    @property
+    def micro_batches_per_minibatch(self) -> int:
+        return self.rollout.batch_size // (self.rollout.micro_batch_size * self.ppo.num_minibatches)
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.rollout.batch_size // self.rollout.micro_batch_size
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if first["type"] == "missing":
+        return f"{loc}: missing (params.yaml sets every key; `rlhf params-doc` lists them)"
+    if loc and msg.startswith(f"{loc}."):  # a section's own check that names the full key
+        return msg
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or msg.startswith(loc) else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}"
+
+
+def parse_params(raw: dict) -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(_format_error(err)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None

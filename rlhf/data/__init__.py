@@ -1,0 +1,1 @@
+"""Prompt data: the TL;DR source, its cleaning, tokenisation, split and per-iteration batches."""

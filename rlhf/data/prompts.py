@@ -1,0 +1,110 @@
+"""TL;DR prompts: load the source, clean it (rows that cannot be used are skipped and counted), render and tokenise
+the prompts, split train/eval deterministically, and pick an iteration's batch."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rlhf.artifacts.schema import ArtifactError
+from rlhf.config.params import Params
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def load_source(params: Params) -> pd.DataFrame:
+    if params.data.source == "local":
+        path = Path(params.paths.source_data)
+        if not path.exists():
+            raise ArtifactError(f"{path}: source data not found (paths.source_data)")
+        return pd.read_parquet(path)
+    try:
+        import datasets
+
+        return datasets.load_dataset(params.data.source, split=params.data.split).to_pandas()
+    except Exception as err:
+        raise ArtifactError(f"cannot load dataset {params.data.source!r} from the hub: {str(err).splitlines()[0]}") from None
+
+
+def clean_text(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return _CONTROL.sub("", str(value))
+
+
+def clean_rows(df: pd.DataFrame, counts: Counter) -> pd.DataFrame:
+    """Normalise text, drop rows with no usable prompt or reference, de-duplicate prompts (first one wins)."""
+    for col in ("prompt", "completion"):
+        if col not in df.columns:
+            raise ArtifactError(f"source data has no {col!r} column (columns: {list(df.columns)})")
+    if len(df) == 0:
+        raise ArtifactError("source data is empty")
+    out = pd.DataFrame({
+        "prompt_id": df["source_index"].astype("int64") if "source_index" in df.columns else np.arange(len(df)),
+        "subreddit": df["subreddit"].map(clean_text) if "subreddit" in df.columns else "",
+        "query": df["prompt"].map(clean_text),
+        "reference": df["completion"].map(clean_text),
+    })
+    no_prompt = out["query"].isna() | (out["query"].fillna("").str.strip() == "")
+    post_empty = out["query"].fillna("").str.contains(r"POST:\s*TL;DR:\s*$", regex=True)
+    no_ref = out["reference"].isna() | (out["reference"].fillna("").str.strip() == "")
+    counts["skipped_empty_prompt"] += int(no_prompt.sum())
+    counts["skipped_empty_post"] += int((post_empty & ~no_prompt).sum())
+    counts["skipped_missing_reference"] += int((no_ref & ~no_prompt & ~post_empty).sum())
+    out = out[~(no_prompt | post_empty | no_ref)]
+    dup = out["query"].duplicated(keep="first")
+    counts["skipped_duplicate_prompt"] += int(dup.sum())
+    out = out[~dup]
+    dup_id = out["prompt_id"].duplicated(keep="first")
+    counts["skipped_duplicate_id"] += int(dup_id.sum())
+    return out[~dup_id].reset_index(drop=True)
+
+
+def render_prompt(tokenizer, query: str, prompt_format: str) -> str:
+    if prompt_format == "raw":
+        return query
+    messages = [{"role": "user", "content": query}]
+    # enable_thinking=False is Qwen3's switch; other templates ignore unknown variables.
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+def tokenize_prompts(df: pd.DataFrame, tokenizer, params: Params, counts: Counter) -> pd.DataFrame:
+    limit, how = params.data.max_prompt_tokens, params.data.overlong
+    prompts, ids = [], []
+    for query in df["query"]:
+        text = render_prompt(tokenizer, query, params.policy_model.prompt_format)
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append(text)
+        ids.append(tokens)
+    lengths = np.array([len(t) for t in ids])
+    over = lengths > limit
+    df = df.assign(prompt=prompts, prompt_ids=ids, prompt_length=lengths.astype("int32"))
+    if how == "drop":
+        counts["skipped_overlong"] += int(over.sum())
+        return df[~over].reset_index(drop=True)
+    counts["truncated_overlong"] += int(over.sum())
+    # Keep the end: the "TL;DR:" cue (or the chat generation prompt) must stay last.
+    df["prompt_ids"] = [t[-limit:] for t in df["prompt_ids"]]
+    df["prompt_length"] = df["prompt_ids"].map(len).astype("int32")
+    return df
+
+
+def split(df: pd.DataFrame, eval_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if len(df) <= eval_size:
+        raise ArtifactError(f"only {len(df)} usable prompts, need more than data.eval_size = {eval_size}")
+    order = np.random.default_rng(seed).permutation(len(df))
+    return df.iloc[np.sort(order[eval_size:])].reset_index(drop=True), df.iloc[np.sort(order[:eval_size])].reset_index(drop=True)
+
+
+def sample_batch(train: pd.DataFrame, batch_size: int, seed: int, iteration: int) -> pd.DataFrame:
+    if len(train) < batch_size:
+        raise ArtifactError(f"only {len(train)} training prompts, fewer than rollout.batch_size = {batch_size}")
+    rng = np.random.default_rng([seed, iteration])
+    rows = np.sort(rng.choice(len(train), size=batch_size, replace=False))
+    return train.iloc[rows].reset_index(drop=True)

@@ -1,0 +1,90 @@
+"""Held-out evaluation of a policy state: reward, exact KL to the reference, length, EOS rate and a sample table on
+the fixed eval prompts. Greedy decoding by default (`eval.greedy`), so iteration-to-iteration differences come from
+the policy, not from sampling noise; with sampling, the seed is the same every iteration."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from rlhf.artifacts.files import atomic_write_text, read_state, write_json
+from rlhf.artifacts.schema import read_artifact
+from rlhf.config.params import Params
+from rlhf.models.checkpoint import load_actors
+from rlhf.models.passes import exact_kl, length_sorted_groups, pack
+from rlhf.models.sampling import contains_stop, generate
+from rlhf.models.scorers import load_scorer
+from rlhf.reports.samples import post_text
+from rlhf.runtime.log import log
+from rlhf.runtime.seeding import derive_seed
+
+
+def kl_to_reference(actors, prompts: list, responses: list, temperature: float, group_size: int) -> list[float]:
+    """Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)), exact over the vocabulary, along each held-out response."""
+    groups = length_sorted_groups([len(p) + len(r) for p, r in zip(prompts, responses)], group_size)
+    kls = [0.0] * len(prompts)
+    for g in sorted(set(groups)):
+        rows = [i for i, x in enumerate(groups) if x == g]
+        packed = pack([prompts[i] for i in rows], [responses[i] for i in rows])
+        with torch.no_grad():
+            kl = exact_kl(actors, packed, temperature)  # (b, R)
+        for j, i in enumerate(rows):
+            kls[i] = float(kl[j].sum())
+    return kls
+
+
+def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame]:
+    prompts = read_artifact(Path(params.paths.prepared) / "eval.parquet", "prompts")
+    actors = load_actors(params, state_dir, trainable=False, with_critic=False)
+    cfg = params.eval
+    ids = list(prompts["prompt_ids"])
+    responses = generate(actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                         seed=derive_seed(params.seed, "eval"), chunk_size=params.rollout.generation_chunk,
+                         progress=params.runtime.progress, greedy=cfg.greedy)
+    texts = actors.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    kls = kl_to_reference(actors, ids, responses, cfg.temperature, params.rollout.micro_batch_size)
+    eos = [contains_stop(r, actors.stop_ids) for r in responses]
+    del actors
+    scorer = load_scorer(Path(params.paths.reward_model), params.reward_model)
+    rewards = scorer.score(list(prompts["query"]), texts, list(prompts["reference"]))
+    table = pd.DataFrame({"prompt_id": prompts["prompt_id"], "query": prompts["query"], "summary": texts,
+                          "reward": rewards, "kl": kls, "length": [len(r) for r in responses],
+                          "eos": eos,
+                          "reference": prompts["reference"]})
+    metrics = {
+        "iteration": read_state(state_dir)["iteration"],
+        "eval/reward_mean": float(table["reward"].mean()),
+        "eval/reward_std": float(table["reward"].std(ddof=1)) if len(table) > 1 else 0.0,
+        "eval/kl_mean": float(table["kl"].mean()),
+        "eval/length_mean": float(table["length"].mean()),
+        "eval/eos_rate": float(table["eos"].mean()),
+        "eval/num_prompts": len(table),
+    }
+    return metrics, table
+
+
+def sample_markdown(table: pd.DataFrame, metrics: dict, rows: int) -> str:
+    head = (f"# Held-out samples, iteration {metrics['iteration']}\n\n"
+            f"mean reward {metrics['eval/reward_mean']:.4f} · KL {metrics['eval/kl_mean']:.3f} · "
+            f"length {metrics['eval/length_mean']:.1f} · EOS rate {metrics['eval/eos_rate']:.2f}\n\n"
+            "| prompt | summary | reward | reference |\n|---|---|---|---|\n")
+    cell = lambda s, n: html.escape(" ".join(str(s).split()))[:n].replace("|", "\\|")  # noqa: E731
+    lines = [f"| {cell(post_text(r.query), 300)} | {cell(r.summary, 300)} | {r.reward:.3f} | {cell(r.reference, 300)} |"
+             for r in table.head(rows).itertuples()]
+    return head + "\n".join(lines) + "\n"
+
+
+def evaluate(params: Params, state_dir: Path | None = None, out_json: Path | None = None,
+             out_table: Path | None = None) -> dict:
+    state_dir = Path(state_dir or params.paths.next)
+    metrics, table = evaluate_policy(params, state_dir)
+    metrics_dir = Path(params.paths.metrics)
+    write_json(out_json or metrics_dir / "eval.json", metrics)
+    atomic_write_text(out_table or metrics_dir / "samples.md", sample_markdown(table, metrics, params.eval.table_rows))
+    table.to_json(Path(out_table or metrics_dir / "samples.md").with_suffix(".jsonl"), orient="records", lines=True)
+    log(f"evaluate: iteration {metrics['iteration']}: reward {metrics['eval/reward_mean']:.4f}, "
+        f"KL {metrics['eval/kl_mean']:.3f}, length {metrics['eval/length_mean']:.1f}, EOS {metrics['eval/eos_rate']:.2f}")
+    return metrics

@@ -1,0 +1,137 @@
+"""An iteration's state folder: the LoRA adapters (peft layout), the value head, the full critic backbone if any,
+the AdamW moments and state.json. Iteration 0 is made here from the seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.artifacts.files import fresh_tmp_dir, replace_dir, write_json
+from rlhf.config.params import Params
+from rlhf.models.actors import CRITIC_ADAPTER, POLICY_ADAPTER, Actors, hidden_size, lora_config, quiet_peft_wrap
+from rlhf.models.sources import _from_pretrained, load_causal_lm, load_tokenizer, stop_token_ids
+
+OPTIMIZER_DIR = "optimizer"
+
+def init_state(params: Params, out_dir: Path) -> None:
+    """Iteration 0: a fresh policy adapter (B = 0, so it equals the base), a critic and a seeded value head."""
+    from peft import get_peft_model
+
+    torch.manual_seed(params.seed)
+    base_dir = Path(params.paths.policy_model)
+    base = load_causal_lm(base_dir, "float32", params.policy_model.trust_remote_code)
+    lora = params.lora
+    with quiet_peft_wrap():
+        model = get_peft_model(base, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules),
+                               adapter_name=POLICY_ADAPTER)
+    if params.critic.mode == "lora":
+        c = params.critic
+        model.add_adapter(CRITIC_ADAPTER, lora_config(c.lora_r, c.lora_alpha, 0.0, lora.target_modules))
+    save_adapters(model, out_dir)  # peft writes non-default adapters to out_dir/<adapter name>/
+    d = hidden_size(base)
+    head = nn.Linear(d, 1)
+    nn.init.normal_(head.weight, std=params.critic.head_init_std)
+    nn.init.zeros_(head.bias)
+    save_value_head(head, out_dir / CRITIC_ADAPTER)
+    if params.critic.mode == "full":
+        full = load_causal_lm(base_dir, "float32", params.policy_model.trust_remote_code)
+        full.get_decoder().save_pretrained(out_dir / CRITIC_ADAPTER / "backbone", safe_serialization=True)
+
+
+def save_adapters(model: nn.Module, folder: Path, adapters: list[str] | None = None) -> None:
+    """peft's save_pretrained, with adapter_config.json made byte-stable (peft writes target_modules from a set,
+    in hash order), so identical training gives identical files and DVC sees no change."""
+    model.save_pretrained(folder, selected_adapters=adapters)
+    for config_file in Path(folder).glob("*/adapter_config.json"):
+        config = json.loads(config_file.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def save_value_head(head: nn.Linear, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": head.weight.detach().float().contiguous(), "bias": head.bias.detach().float().contiguous()},
+              str(folder / "value_head.safetensors"))
+
+
+def load_value_head(folder: Path, d: int) -> nn.Linear:
+    from safetensors.torch import load_file
+
+    head = nn.Linear(d, 1)
+    head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
+    return head
+
+
+def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: bool = True) -> Actors:
+    from peft import PeftModel
+
+    pm = params.policy_model
+    base_dir = Path(params.paths.policy_model)
+    tokenizer = load_tokenizer(base_dir)
+    base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code, pm.attention)
+    # low_cpu_mem_usage: adapters are built empty and filled from the files (no random init that is overwritten)
+    with quiet_peft_wrap():
+        model = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
+                                          is_trainable=trainable, autocast_adapter_dtype=True, low_cpu_mem_usage=True)
+    critic_backbone = None
+    if with_critic and params.critic.mode == "lora":
+        model.load_adapter(state_dir / CRITIC_ADAPTER, adapter_name=CRITIC_ADAPTER, is_trainable=trainable,
+                           low_cpu_mem_usage=True)
+    elif with_critic:
+        from transformers import AutoModel
+
+        critic_backbone = _from_pretrained(AutoModel, state_dir / CRITIC_ADAPTER / "backbone", pm.dtype, False,
+                                           pm.attention)
+        critic_backbone.train(False).requires_grad_(trainable)
+    head = load_value_head(state_dir / CRITIC_ADAPTER, hidden_size(base)).requires_grad_(trainable)
+    reference = load_causal_lm(Path(pm.reference), pm.dtype, pm.trust_remote_code, pm.attention) if pm.reference else None
+    model.eval()  # dropout is off; train() only matters if lora.dropout > 0
+    autocast = torch.bfloat16 if pm.dtype == "bfloat16" else None
+    actors = Actors(model, tokenizer, head, critic_backbone, reference, stop_token_ids(tokenizer, base_dir), trainable,
+                    autocast)
+    actors.use(POLICY_ADAPTER)
+    return actors
+
+
+def save_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path) -> None:
+    """AdamW moments as safetensors keyed by parameter name (no pickle in artifacts)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in named.items():
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().float().contiguous().clone()
+    save_file(tensors, str(path))
+
+
+def load_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return  # iteration 0: fresh moments
+    tensors = load_file(str(path))
+    for name, p in named.items():
+        state = {key.split("::", 1)[1]: v for key, v in tensors.items() if key.split("::", 1)[0] == name}
+        if state:
+            state["step"] = state["step"].reshape(())
+            opt.state[p] = state
+
+
+def save_state(actors: Actors, opts, named, state: dict, steps: int, next_dir: Path) -> None:
+    tmp = fresh_tmp_dir(next_dir)
+    save_adapters(actors.model, tmp, actors.adapter_names())
+    save_value_head(actors.value_head, tmp / CRITIC_ADAPTER)
+    if actors.critic_backbone is not None:
+        actors.critic_backbone.save_pretrained(tmp / CRITIC_ADAPTER / "backbone", safe_serialization=True)
+    (tmp / OPTIMIZER_DIR).mkdir()
+    save_optimizer(opts[0], named[0], tmp / OPTIMIZER_DIR / "policy.safetensors")
+    save_optimizer(opts[1], named[1], tmp / OPTIMIZER_DIR / "critic.safetensors")
+    new_state = {**state, "iteration": state["iteration"] + 1, "global_step": state.get("global_step", 0) + steps}
+    write_json(tmp / "state.json", new_state)
+    replace_dir(tmp, next_dir)

@@ -1,0 +1,58 @@
+"""How a stage script runs: `python stages/<name>.py [--params FILE] [ARGS]`.
+
+`run_stage(main)` reads and validates the params, hands the script over to the warm process when
+`runtime.warm_start` is on (rlhf/runtime/warm_start.py: the script then runs in a fork of a process that has already
+imported torch/transformers/peft), and turns the expected failures into one line on stderr and exit code 2. Stage
+scripts import their heavy modules inside `main`, after the hand-over, so a warm run never imports torch twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXPECTED_ERRORS_EXIT = 2
+
+
+def run_stage(main: Callable[..., object], warm: bool = True, argv: list[str] | None = None) -> None:
+    """warm=False for stages that never import torch (the hand-over would cost more than it saves)."""
+    argv = list(sys.argv if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=Path(argv[0]).name, description=(main.__module__ or "").strip())
+    parser.add_argument("--params", "-p", type=Path, default=Path("params.yaml"), help="params file")
+    parser.add_argument("args", nargs="*", help="stage arguments")
+    ns = parser.parse_args(argv[1:])
+    sys.exit(guarded(lambda: _run(main, argv, ns.params, ns.args, warm)))
+
+
+def _run(main: Callable[..., object], argv: list[str], params_file: Path, args: list[str], warm: bool) -> int:
+    from rlhf.config.params import load_params
+
+    params = load_params(params_file)
+    if warm and params.runtime.warm_start:
+        from rlhf.runtime import warm_start
+
+        code = warm_start.delegate(argv)
+        if code is not None:
+            return code
+    if params.runtime.threads > 0:
+        import torch
+
+        torch.set_num_threads(params.runtime.threads)
+    main(params, *args)
+    return 0
+
+
+def guarded(fn: Callable[[], int | None]) -> int:
+    """Run fn; an expected failure (bad params, missing or invalid artifact, model or state problem, non-finite
+    numbers) becomes `error: <one line>` on stderr and exit code 2, with no traceback."""
+    from rlhf.config.params import ParamsError
+    from rlhf.errors import ArtifactError, ModelError, StateError  # torch- and pandas-free
+
+    try:
+        return fn() or 0
+    except (ParamsError, ModelError, ArtifactError, StateError, FloatingPointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXPECTED_ERRORS_EXIT
+

