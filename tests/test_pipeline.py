@@ -48,8 +48,16 @@ def test_rerun_rules(project):
     assert ran_stages(run(["dvc", "repro"], project).stdout) == []
     assert "up to date" in run(["dvc", "status"], project).stdout
 
+    lam = yaml.safe_load((project / "params.yaml").read_text())["gae"]["lam"]
     set_param(project, "gae.lam", 0.9)
     assert ran_stages(run(["dvc", "repro"], project).stdout) == ["advantages", "update", "evaluate"]
+    eval_at_09 = (project / "metrics/eval.json").read_text()
+    set_param(project, "gae.lam", lam)  # reverting restores every stage's outputs from the run-cache, evaluate too
+    reverted = run(["dvc", "repro"], project).stdout
+    assert ran_stages(reverted) == [], reverted
+    set_param(project, "gae.lam", 0.9)
+    assert ran_stages(run(["dvc", "repro"], project).stdout) == []
+    assert (project / "metrics/eval.json").read_text() == eval_at_09
 
     set_param(project, "reward_model.max_length", 40)  # truncation changes the scores
     assert ran_stages(run(["dvc", "repro"], project).stdout) == ["reward", "advantages", "update", "evaluate"]
