@@ -207,7 +207,9 @@ def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist) 
 
 
 def write_step_curves(history: list[dict], out: Path) -> None:
-    """Per-step curves in DVCLive's layout (plots/metrics/<name>.tsv with step and value), for `dvc plots`."""
+    """Per-step curves as plots/metrics/<name>.tsv (step and value), which `dvc plots` reads as they are, and the last
+    step's values as metrics.json. Written here rather than through DVCLive: DVCLive runs `dvc init` in a git repo
+    that has none and fails in a git repo without a commit, and the files are this simple."""
     tmp = fresh_tmp_dir(out)
     for key in [k for k in history[0] if k not in ("lr", "critic_lr", "epoch")]:
         path = tmp / "plots" / "metrics" / f"{key}.tsv"
