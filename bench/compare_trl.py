@@ -11,7 +11,7 @@ TRL feeds the policy's token ids to the reward model (ours decodes and re-tokeni
 same ids). Implementation choices that differ but do the same work: ours generates in length-sorted chunks of 8
 prompts from the merged policy with its own sampling loop, TRL with generate() in chunks of its
 local_rollout_forward_batch_size (4) padded to the whole batch's longest prompt; ours uses its chunked causal
-attention (stages/attention.py) for the policy, critic and reward model, TRL transformers' SDPA.
+attention (rlhf/models/attention.py) for the policy, critic and reward model, TRL transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -75,14 +75,13 @@ def setup_project(dtype: str) -> Path:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy2(ROOT / name, proj / name)
     shutil.copytree(ROOT / "data" / "tldr", proj / "data" / "tldr")
-    shutil.copytree(ROOT / "stages", proj / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     policy = WORK / "smollm2"
     if not policy.exists():
         p0 = WORK / "convert"
         shutil.rmtree(p0, ignore_errors=True)
         p0.mkdir(parents=True)
         shutil.copy2(ROOT / "params.yaml", p0 / "params.yaml")
-        sh(["rlhf", "models", "policy"], cwd=p0, env=env())
+        sh(stage_cmd("base_model", "policy"), cwd=p0, env=env())
         shutil.move(str(p0 / "models/base/policy"), policy)
     reward = WORK / "reward-smollm2-cls"
     if not reward.exists():
@@ -99,9 +98,15 @@ def setup_project(dtype: str) -> Path:
     p["ppo"].update({"epochs": 4, "num_minibatches": 4})
     p["runtime"].update({"progress": "off"})
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    for cmd in (["models", "policy"], ["models", "reward"], ["prepare"], ["init", "--no-baseline", "--no-track"]):
-        sh(["rlhf", *cmd], cwd=proj, env=env())
+    for cmd in (stage_cmd("base_model", "policy"), stage_cmd("base_model", "reward"), stage_cmd("prepare"),
+                ["rlhf", "init", "--no-baseline", "--no-track"]):
+        sh(cmd, cwd=proj, env=env())
     return proj
+
+
+def stage_cmd(name: str, *args: str) -> list[str]:
+    """A stage script of this checkout, run in a project folder as dvc.yaml runs it."""
+    return [sys.executable, str(ROOT / "stages" / f"{name}.py"), *args]
 
 
 def run_ours(proj: Path) -> dict:
@@ -115,7 +120,7 @@ def run_ours(proj: Path) -> dict:
     row = {"system": "ours"}
     for stage in STAGES:
         usage.unlink(missing_ok=True)
-        r = timed(["rlhf", stage], proj, {**env(), "RLHF_WARM_RUSAGE": str(usage)})
+        r = timed(stage_cmd(stage), proj, {**env(), "RLHF_WARM_RUSAGE": str(usage)})
         worker_gib = json.loads(usage.read_text())["maxrss_kib"] / 1024**2 if usage.exists() else 0.0
         row[f"{stage}_s"], row[f"{stage}_rss_gib"] = r["s"], max(r["rss"], worker_gib)
     row["warm_process_rss_gib"] = warm_rss_gib(proj)
