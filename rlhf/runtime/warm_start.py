@@ -20,6 +20,9 @@ What keeps this safe:
 - It exits after RLHF_WARM_IDLE seconds (default 300) without a stage; `rlhf warm stop` stops it now.
 - Sockets live in a private per-user folder, or in $RLHF_WARM_DIR when set (the test suite uses its own).
 - Processes started by torchrun (data-parallel runs) always run directly.
+
+Both ends of the protocol (the stage's side and the warm process) are in this one module, over the ~300-line
+guideline, on purpose: they change together.
 """
 
 from __future__ import annotations
