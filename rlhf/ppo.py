@@ -114,17 +114,53 @@ class PolicyLoss(NamedTuple):
     ratio: torch.Tensor  # (B, T)
     clipped: torch.Tensor  # (B, T) bool: the clipped branch was active
     approxkl: torch.Tensor  # (B, T) ½ (log ratio)²
+    dual_clipped: torch.Tensor  # (B, T) bool: the dual-clip bound −c·A was active (all False without dual clip)
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
+    dual_clip: float | None = None,
 ) -> PolicyLoss:
-    """max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) per token, ρ = π/π_old."""
+    """max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) per token, ρ = π/π_old.
+
+    dual_clip = c > 1 (Ye et al. 2020, "dual-clip PPO"): where A < 0 the loss is also capped at −c·A, i.e.
+    min(max(−A·ρ, −A·clip(ρ)), −c·A). Without it a token with A < 0 and a huge ρ (a stale sample the policy now
+    likes) has an unbounded loss; capped, its gradient is 0 beyond ρ = c."""
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     unclipped = -advantages * ratio  # (B, T)
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
-    return PolicyLoss(torch.maximum(unclipped, clipped), ratio, clipped > unclipped, 0.5 * log_ratio**2)
+    loss = torch.maximum(unclipped, clipped)  # (B, T)
+    dual = torch.zeros_like(loss, dtype=torch.bool)  # (B, T)
+    if dual_clip is not None:
+        bound = -dual_clip * advantages  # (B, T)
+        dual = (advantages < 0) & (loss > bound)
+        loss = torch.where(dual, bound, loss)
+    return PolicyLoss(loss, ratio, clipped > unclipped, 0.5 * log_ratio**2, dual)
+
+
+def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, coef: float, n_tokens: float) -> torch.Tensor:
+    """−coef · Σ_valid H_t / n_tokens: the entropy bonus as a loss term (n_tokens normalises it like the policy
+    loss, by the whole minibatch's token count). `entropy` must carry gradient for the bonus to act."""
+    return -coef * masked_sum(entropy, mask) / n_tokens
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var[R − V] / Var[R] over valid tokens: 1 is a perfect critic, 0 one no better than a constant, < 0
+    worse than a constant. NaN when the returns do not vary (nothing to explain)."""
+    var_returns = masked_var(returns, mask)
+    if float(var_returns) == 0.0:
+        return math.nan
+    return float(1.0 - masked_var(returns - values, mask) / var_returns)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. (2019) proportional controller: β ← β·(1 + clip(KL/KL_target − 1, −0.2, 0.2)·n_steps/horizon).
+
+    `kl` is the batch's mean per-response KL, `n_steps` the responses it was measured on; the clip bounds how far
+    one noisy batch can move β."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
 
 
 class ValueLoss(NamedTuple):

@@ -29,7 +29,8 @@ EVAL_COLUMNS = ["iteration", "eval/reward_mean", "eval/reward_std", "eval/kl_mea
 TRAIN_COLUMNS = [
     "iteration", "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
     "objective/non_score_reward", "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac",
-    "val/response_length", "val/num_eos_tokens", "lr",
+    "val/response_length", "val/num_eos_tokens", "lr", "objective/kl_coef", "val/explained_variance",
+    "policy/dual_clipfrac",
 ]
 
 
@@ -85,7 +86,7 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
 
     tmp = fresh_tmp_dir(current)
     init_state(params, tmp)
-    write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed})
+    write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed, "kl_coef": params.kl.coef})
     replace_dir(tmp, current)
     log(f"init: iteration 0 written to {current}")
     if evaluate_baseline:
@@ -153,6 +154,9 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
     """N × (dvc repro, advance). With commit_each, tag `iter-N` marks the commit right after the repro that made
     iteration N (models/next = N, `dvc repro` there is a no-op, metrics are N's); an untagged commit follows the
     advance. `dvc metrics diff iter-1 iter-3` then compares iterations."""
+    current = Path(params.paths.current)
+    first = read_state(current)["iteration"] if (current / STATE_FILE).exists() else 0
+    params.check_schedule_horizon(first + iterations - 1)  # refuse before any work, not at the update stage
     start = time.perf_counter()
     dvc("repro", "prepare", "reward_model")
     if not (Path(params.paths.current) / STATE_FILE).exists():

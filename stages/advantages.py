@@ -10,7 +10,7 @@ def main(params) -> None:
 
     import numpy as np
 
-    from rlhf.artifacts.files import write_json
+    from rlhf.artifacts.files import read_state, write_json
     from rlhf.artifacts.schema import read_iteration, write_artifact
     from rlhf.runtime.log import log
     from rlhf.training.advantages import compute_advantages
@@ -19,11 +19,12 @@ def main(params) -> None:
     rollout, scores, reference = read_iteration(it, ("rollout", "scores", "reference"))
     if not np.isfinite(scores["score"].to_numpy()).all():
         raise FloatingPointError(f"{it / 'scores.parquet'}: non-finite reward score; refusing to compute advantages")
-    out, metrics = compute_advantages(rollout, scores, reference, params)
+    kl_coef = params.kl_coef(read_state(params.paths.current))
+    out, metrics = compute_advantages(rollout, scores, reference, params, kl_coef)
     write_artifact(out, "advantages", it / "advantages.parquet")
     write_json(Path(params.paths.metrics) / "objective.json", metrics)
     log(f"advantages: score {metrics['objective/scores']:.4f}, KL {metrics['objective/kl']:.4f}, "
-        f"rlhf_reward {metrics['objective/rlhf_reward']:.4f}")
+        f"rlhf_reward {metrics['objective/rlhf_reward']:.4f}, KL coef {kl_coef:.4g}")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ def main(params) -> None:
     from rlhf.runtime.log import log
     from rlhf.runtime.seeding import derive_seed
     from rlhf.training.ppo_update import (
-        build_groups, load_batch, make_optimizer, ppo_epochs, summarise, trainable_parameters, write_step_curves,
+        build_groups, load_batch, make_optimizer, next_kl_coef, ppo_epochs, summarise, trainable_parameters,
+        write_step_curves,
     )
 
     dist = init_distributed()
     current = Path(params.paths.current)
     state = read_state(current)
     iteration = state["iteration"]
+    params.check_schedule_horizon(iteration)
+    kl_coef = params.kl_coef(state)
     df = load_batch(params)
     torch.manual_seed(derive_seed(params.seed, "update-init", iteration))
     actors = load_actors(params, current, trainable=True)
@@ -41,12 +44,14 @@ def main(params) -> None:
     groups = build_groups(df)
 
     start = time.perf_counter()
-    history = ppo_epochs(actors, groups, params, opts, named, iteration, dist)
+    history = ppo_epochs(actors, groups, params, opts, named, iteration, dist, kl_coef=kl_coef)
     if not dist.is_main:
         return
     write_step_curves(history, Path(params.paths.metrics) / "train")
     summary = summarise(history)
-    summary.update({"iteration": iteration, "update_seconds": round(time.perf_counter() - start, 3)})
+    state = {**state, "kl_coef": next_kl_coef(df, params, kl_coef)}
+    summary.update({"iteration": iteration, "update_seconds": round(time.perf_counter() - start, 3),
+                    "kl_coef_next": state["kl_coef"]})
     save_state(actors, opts, named, state, len(history), Path(params.paths.next))
     write_json(Path(params.paths.metrics) / "update.json", summary)
     log(f"update: {len(history)} steps in {summary['update_seconds']:.1f}s, approxkl {summary['policy/approxkl']:.2e}, "

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -138,12 +139,27 @@ def test_budget_batches_respect_the_token_budget():
 
 
 def test_rm_accuracy_on_real_comparisons_with_the_shrunken_classifier(project, capsys):
-    from rlhf.reports.rm_accuracy import run as rm_accuracy
+    from rlhf.reports.rm_accuracy import run as rm_accuracy, wilson_interval
 
     report = rm_accuracy(project, ROOT / "data/tldr/comparisons-batch13-18.parquet", Path("rm.json"), limit=40)
     assert report["pairs"] == 40 and report["comparisons"] == 1771 and report["majority_ties_dropped"] > 0
-    assert 0 <= report["ci95_low"] <= report["accuracy"] <= report["ci95_high"] <= 1
+    k = round(report["accuracy"] * report["pairs"])  # the interval belongs to this accuracy, not just any
+    assert report["accuracy"] == k / report["pairs"]
+    assert (report["ci95_low"], report["ci95_high"]) == pytest.approx(wilson_interval(k, report["pairs"]))
     assert any(k.startswith("confidence_") for k in report)
+
+
+def test_accuracy_report_counts_wins_by_confidence():
+    from rlhf.reports.rm_accuracy import accuracy_report, wilson_interval
+
+    pairs = pd.DataFrame({"strength": [1, 1, 1, 4, 4, 4, 4]})
+    chosen = np.array([0.9, 0.1, 0.5, 2.0, 2.0, 1.0, 3.0])
+    rejected = np.array([0.2, 0.3, 0.5, 1.0, 1.5, 0.0, 4.0])  # wins: yes, no, tie (not a win), yes, yes, yes, no
+    report = accuracy_report(pairs, chosen, rejected)
+    assert report["accuracy"] == pytest.approx(4 / 7) and report["pairs"] == 7 and report["exact_ties"] == 1
+    assert (report["ci95_low"], report["ci95_high"]) == pytest.approx(wilson_interval(4, 7))
+    assert report["confidence_1"]["accuracy"] == pytest.approx(1 / 3) and report["confidence_1"]["pairs"] == 3
+    assert report["confidence_4"]["accuracy"] == pytest.approx(3 / 4) and report["confidence_4"]["pairs"] == 4
 
 
 def test_majority_vote_and_wilson_interval():

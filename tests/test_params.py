@@ -59,6 +59,13 @@ BAD = [
     ("paths.current", "", "paths.current"),
     ("runtime.launcher", "", "runtime.launcher"),
     ("kl.in_reward", False, "kl.estimator"),  # with the default k1: a loss term whose gradient is zero
+    ("kl.target", 0, "kl.target"),
+    ("kl.target", -1.0, "kl.target"),
+    ("kl.horizon", 0, "kl.horizon"),
+    ("kl.horizon", 1.5, "kl.horizon"),
+    ("ppo.dual_clip", 1.0, "ppo.dual_clip"),  # c ≤ 1 would cap the loss below the clipped surrogate
+    ("ppo.entropy_coef", -0.01, "ppo.entropy_coef"),
+    ("ppo.entropy_coef", None, "ppo.entropy_coef"),
 ]
 
 
@@ -126,3 +133,64 @@ def test_not_yaml(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("ppo: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_adaptive_kl_needs_a_nonzero_start():
+    p = with_change("kl.target", 6.0)
+    p["kl"]["coef"] = 0.0
+    with pytest.raises(ParamsError, match=r"^kl\.coef: the adaptive controller"):
+        parse_params(p)
+    p["kl"]["coef"] = 0.05
+    assert parse_params(p).kl.target == 6.0
+
+
+def test_kl_coef_comes_from_the_state_only_with_the_controller():
+    fixed = parse_params(BASE)
+    assert fixed.kl_coef({"iteration": 3, "kl_coef": 0.7}) == BASE["kl"]["coef"]
+    adaptive = parse_params(with_change("kl.target", 6.0))
+    assert adaptive.kl_coef({"iteration": 3, "kl_coef": 0.7}) == 0.7
+    assert adaptive.kl_coef({"iteration": 0}) == BASE["kl"]["coef"]  # a state from before the controller
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_iteration_past_a_decaying_schedule_is_a_params_error(schedule):
+    p = with_change("optim.schedule", schedule)
+    p["optim"]["total_iterations"] = 4
+    params = parse_params(p)
+    params.check_schedule_horizon(3)  # the last iteration with a nonzero learning rate
+    for it in (4, 9):
+        with pytest.raises(ParamsError) as err:
+            params.check_schedule_horizon(it)
+        assert str(err.value).startswith("optim.total_iterations:") and "\n" not in str(err.value)
+    parse_params(with_change("optim.total_iterations", 4)).check_schedule_horizon(50)  # constant: no horizon
+
+
+def past_horizon_project(tmp_path: Path, iteration: int) -> Path:
+    p = with_change("optim.schedule", "cosine")
+    p["optim"]["total_iterations"] = 3
+    p["runtime"]["warm_start"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    state = tmp_path / p["paths"]["current"]
+    state.mkdir(parents=True)
+    (state / "state.json").write_text(f'{{"iteration": {iteration}, "global_step": 0, "seed": 42}}')
+    return tmp_path
+
+
+def test_update_stage_refuses_an_iteration_past_the_schedule_and_writes_nothing(tmp_path: Path):
+    project = past_horizon_project(tmp_path, 3)
+    before = set(project.rglob("*"))
+    result = run(stage("update"), project, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "optim.total_iterations" in lines[0] and "iteration 3" in lines[0], result.stderr
+    assert set(project.rglob("*")) == before
+
+
+def test_train_refuses_up_front_when_its_last_iteration_is_past_the_schedule(tmp_path: Path):
+    project = past_horizon_project(tmp_path, 1)  # iterations 1 and 2 fit a horizon of 3; a third would not
+    before = set(project.rglob("*"))
+    result = run(["rlhf", "train", "-n", "3"], project, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "optim.total_iterations" in lines[0] and "iteration 3" in lines[0], result.stderr
+    assert set(project.rglob("*")) == before  # no dvc repro, no init

@@ -23,10 +23,33 @@ def test_sample_report_compares_with_previous_iteration(project):
     now = pd.read_json(project / "metrics/samples/iter-1.jsonl", lines=True)
     prev = pd.read_json(project / "metrics/samples/iter-0.jsonl", lines=True)
     assert len(now) == len(prev) == 4
-    changes = [float(x) for x in re.findall(r"<td class=num>([+-]\d\.\d{3}|0\.000)</td><td>", html)]
+    changes = [float(x) for x in re.findall(r"<td class=num>([+-]\d\.\d{3}|0\.000)</td><td>[^<]*</td></tr>", html)]
+    assert len(changes) == len(now)  # one change cell per row
     assert changes == sorted(changes, key=abs, reverse=True)  # biggest changes on top
     md = (project / "metrics/report.md").read_text()
     assert md.count("\n|") >= 2 + len(now)
+
+
+def test_sample_report_puts_the_biggest_reward_changes_first(tmp_path):
+    """The trained run's changes may all be 0 (then any order passes); here they are distinct and of both signs."""
+    from rlhf.reports import samples
+
+    before = {0: 0.5, 1: 0.2, 2: -0.1, 3: 0.9, 4: 0.0}
+    change = {0: 0.05, 1: -0.4, 2: 0.2, 3: -0.01, 4: 0.3}
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for iteration, reward in ((0, before), (1, {i: before[i] + change[i] for i in before})):
+        pd.DataFrame({"prompt_id": list(reward), "query": [f"POST: post {i} TL;DR:" for i in reward],
+                      "summary": [f"summary {i} at {iteration}" for i in reward], "reward": list(reward.values()),
+                      "reference": ["ref"] * len(reward)}).to_json(folder / f"iter-{iteration}.jsonl",
+                                                                   orient="records", lines=True)
+    samples.write(tmp_path, 1)
+    html = (tmp_path / "report.html").read_text()
+    shown = [float(x) for x in re.findall(r"<td class=num>([+-]\d\.\d{3}|0\.000)</td><td>[^<]*</td></tr>", html)]
+    assert shown == [-0.4, 0.3, 0.2, 0.05, -0.01]
+    assert [html.index(f"post {i}") for i in (1, 4, 2, 0, 3)] == sorted(html.index(f"post {i}") for i in range(5))
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("summary 1 at 1") < md.index("summary 4 at 1") < md.index("summary 3 at 1")
 
 
 @needs_browser

@@ -159,3 +159,92 @@ def test_exact_kl_matches_naive_sum():
             p = np.exp(logits[b, t]) / np.exp(logits[b, t]).sum()
             q = np.exp(ref[b, t]) / np.exp(ref[b, t]).sum()
             assert got[b, t] == pytest.approx(float((p * np.log(p / q)).sum()), abs=1e-10)
+
+
+def test_dual_clip_policy_loss_matches_naive():
+    # Ratios spread far beyond 1 ± ε so that every branch (clip, dual clip, neither) occurs.
+    new, old, adv = rng.normal(-1, 1.0, 200), rng.normal(-1, 0.3, 200), rng.normal(size=200)
+    eps, c = 0.2, 3.0
+    out = ppo.clipped_policy_loss(torch.tensor(new), torch.tensor(old), torch.tensor(adv), eps, dual_clip=c)
+    n_dual = 0
+    for i in range(200):
+        r = math.exp(new[i] - old[i])
+        standard = max(-adv[i] * r, -adv[i] * min(max(r, 1 - eps), 1 + eps))
+        # Ye et al. (2020): for Â < 0 the objective is max(min(ρÂ, clip(ρ)Â), cÂ); the loss is its negative
+        expected = min(standard, -c * adv[i]) if adv[i] < 0 else standard
+        assert out.loss[i].item() == pytest.approx(expected)
+        assert bool(out.dual_clipped[i]) == (adv[i] < 0 and standard > -c * adv[i])
+        n_dual += bool(out.dual_clipped[i])
+    assert 0 < n_dual < 200
+    off = ppo.clipped_policy_loss(torch.tensor(new), torch.tensor(old), torch.tensor(adv), eps)
+    assert not off.dual_clipped.any()
+    assert (off.loss >= out.loss).all() and (off.loss > out.loss).any()
+
+
+def test_dual_clip_stops_the_gradient_of_a_negative_advantage_beyond_c():
+    new = torch.tensor([math.log(5.0)], dtype=torch.float64, requires_grad=True)  # ratio 5 > c = 3
+    old, adv = torch.tensor([0.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64)
+    ppo.clipped_policy_loss(new, old, adv, 0.2, dual_clip=3.0).loss.sum().backward()
+    assert new.grad.item() == 0.0
+    new.grad = None
+    ppo.clipped_policy_loss(new, old, adv, 0.2).loss.sum().backward()
+    assert new.grad.item() == pytest.approx(5.0)  # d(−A·ρ)/d log π = ρ without the dual clip
+
+
+def test_entropy_loss_matches_naive_and_its_gradient_raises_entropy():
+    lengths, mask = ragged_batch()
+    logits = torch.tensor(rng.normal(size=(*mask.shape, 6)), requires_grad=True)
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
+    loss = ppo.entropy_loss(entropy, torch.tensor(mask), 0.05, 11.0)
+    expected = -0.05 * sum(entropy[i, t].item() for i, n in enumerate(lengths) for t in range(n)) / 11.0
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    with torch.no_grad():
+        stepped = logits - 1.0 * logits.grad  # gradient descent on the loss
+        lq = torch.log_softmax(stepped, -1)
+        after = -(lq.exp() * lq).sum(-1)
+    assert float((after * torch.tensor(mask)).sum()) > float((entropy.detach() * torch.tensor(mask)).sum())
+    assert (logits.grad[torch.tensor(mask) == 0] == 0).all()  # padding gets no gradient
+
+
+def test_explained_variance_matches_naive():
+    lengths, mask = ragged_batch(6, 9)
+    returns = rng.normal(1.0, 2.0, size=mask.shape)
+    values = returns + rng.normal(0.0, 1.0, size=mask.shape)
+    valid = mask == 1
+    r, v = returns[valid], values[valid]
+    expected = 1 - np.var(r - v) / np.var(r)
+    got = ppo.explained_variance(torch.tensor(values), torch.tensor(returns), torch.tensor(mask))
+    assert got == pytest.approx(expected, rel=1e-10)
+    assert ppo.explained_variance(torch.tensor(returns), torch.tensor(returns), torch.tensor(mask)) == 1.0
+    padding_noise = values + (1 - mask) * 100.0  # padding must not count
+    assert ppo.explained_variance(torch.tensor(padding_noise), torch.tensor(returns), torch.tensor(mask)) == \
+        pytest.approx(expected, rel=1e-10)
+    assert math.isnan(ppo.explained_variance(torch.tensor(values), torch.ones(mask.shape, dtype=torch.float64),
+                                             torch.tensor(mask)))
+
+
+def test_adaptive_kl_coef_matches_ziegler_rule():
+    coef, target, horizon, n = 0.05, 6.0, 10000, 64
+    for kl in (0.0, 3.0, 5.5, 6.0, 6.6, 7.5, 100.0):
+        error = kl / target - 1
+        clipped = -0.2 if error < -0.2 else 0.2 if error > 0.2 else error
+        expected = coef * (1 + clipped * n / horizon)
+        assert ppo.adaptive_kl_coef(coef, kl, target, horizon, n) == pytest.approx(expected, rel=1e-12)
+    assert ppo.adaptive_kl_coef(coef, 12.0, target, horizon, n) > coef > ppo.adaptive_kl_coef(coef, 1.0, target,
+                                                                                           horizon, n)
+    assert ppo.adaptive_kl_coef(coef, 6.0, target, horizon, n) == coef
+
+
+def test_lr_schedule_matches_naive_formulas():
+    total, warmup = 7, 2
+    for it in range(total):
+        if it < warmup:
+            lin = cos = (it + 1) / (warmup + 1)
+        else:
+            progress = (it - warmup) / (total - warmup)
+            lin, cos = 1 - progress, 0.5 * (1 + math.cos(math.pi * progress))
+        assert ppo.lr_multiplier(it, warmup, total, "linear") == pytest.approx(lin)
+        assert ppo.lr_multiplier(it, warmup, total, "cosine") == pytest.approx(cos)
+        assert ppo.lr_multiplier(it, warmup, total, "constant") == pytest.approx(1.0 if it >= warmup else lin)

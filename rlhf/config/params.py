@@ -107,9 +107,11 @@ class Rollout(_Section):
 
 
 class KL(_Section):
-    coef: float = Field(ge=0)
+    coef: float = Field(ge=0)  # β, or with a target the β of iteration 0
     estimator: Literal["k1", "k2", "k3"]
     in_reward: bool
+    target: float | None = Field(gt=0)  # adaptive controller (Ziegler et al. 2019); null: β stays kl.coef
+    horizon: int = Field(ge=1)  # the controller's horizon, in responses
 
     @model_validator(mode="after")
     def _gradient_is_the_kl(self) -> "KL":
@@ -118,6 +120,9 @@ class KL(_Section):
         if not self.in_reward and self.estimator == "k1":
             raise ValueError("kl.estimator: k1 cannot be a loss term (kl.in_reward: false): its expected gradient is "
                              "zero, so the penalty would do nothing; use k2 or k3, or kl.in_reward: true")
+        if self.target is not None and self.coef == 0:
+            # the controller multiplies β, so from 0 it never moves
+            raise ValueError("kl.coef: the adaptive controller (kl.target set) needs a starting kl.coef > 0")
         return self
 
 
@@ -139,6 +144,8 @@ class Ppo(_Section):
     clip_eps_value: float = Field(gt=0)
     vf_coef: float = Field(gt=0)
     max_grad_norm: float | None = Field(gt=0)
+    dual_clip: float | None = Field(gt=1)  # c of dual-clip PPO (Ye et al. 2020); null: off
+    entropy_coef: float = Field(ge=0)  # entropy bonus; 0: none (and no gradient through the entropy)
 
 
 class Optim(_Section):
@@ -201,6 +208,22 @@ class Params(_Section):
         if self.reward_model.id == EMBEDDED_SCORER and self.reward_model.kind != "similarity":
             raise ValueError("reward_model.kind: the embedded MiniLM scorer only supports 'similarity'")
         return self
+
+    def kl_coef(self, state: dict) -> float:
+        """β of the iteration whose state.json is `state`: kl.coef, or with the adaptive controller the β it
+        carries (a state written before the controller existed starts it from kl.coef)."""
+        if self.kl.target is None:
+            return self.kl.coef
+        return float(state.get("kl_coef", self.kl.coef))
+
+    def check_schedule_horizon(self, last_iteration: int) -> None:
+        """A decaying schedule's LR is 0 from optim.total_iterations on: an iteration there would silently train
+        nothing, so it is a params error."""
+        o = self.optim
+        if o.schedule != "constant" and last_iteration >= o.total_iterations:
+            raise ParamsError(f"optim.total_iterations: iteration {last_iteration} is past the {o.schedule} schedule's "
+                              f"horizon of {o.total_iterations} iterations (its learning rate would be 0); raise "
+                              "optim.total_iterations or set optim.schedule: constant")
 
     @property
     def micro_batches_per_minibatch(self) -> int:

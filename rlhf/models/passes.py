@@ -113,6 +113,17 @@ def policy_logprobs(actors: Actors, packed: Packed, temperature: float) -> tuple
         return token_logprobs(actors.model.get_base_model(), packed, temperature)
 
 
+def policy_logprobs_entropy_grad(actors: Actors, packed: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """policy_logprobs whose entropy carries gradient (for an entropy bonus); it keeps the (b·R, V) log-softmax
+    for the backward pass, which policy_logprobs avoids."""
+    actors.use(POLICY_ADAPTER)
+    with actors.compute():
+        logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
+        logprobs = selected_logprobs(logits, packed.response_ids)  # (b, R)
+        entropy = entropy_from_logits(logits)  # (b, R)
+    return logprobs * packed.response_mask, entropy * packed.response_mask
+
+
 def exact_kl(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
     """KL(π(·|s_t) ‖ π_ref(·|s_t)) over the whole vocabulary at every response position, (b, R)."""
     from rlhf.ppo import kl_full

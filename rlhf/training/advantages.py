@@ -3,6 +3,8 @@ shaped rewards, GAE advantages and returns, plus the objective metrics. All math
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import torch
 
@@ -10,8 +12,10 @@ from rlhf import ppo
 from rlhf.config.params import Params
 
 
-def compute_advantages(rollout: pd.DataFrame, scores: pd.DataFrame, reference: pd.DataFrame, params: Params):
-    """Returns (per-row advantages frame, objective metrics). float64 throughout: it is cheap and exact."""
+def compute_advantages(rollout: pd.DataFrame, scores: pd.DataFrame, reference: pd.DataFrame, params: Params,
+                       kl_coef: float):
+    """Returns (per-row advantages frame, objective metrics). float64 throughout: it is cheap and exact.
+    kl_coef is this iteration's β (params.kl_coef(state): kl.coef, or the adaptive controller's)."""
     f64 = torch.float64
     logprobs, mask = ppo.pad_ragged(list(rollout["logprobs"]), dtype=f64)  # (B, T)
     mask = mask.to(f64)
@@ -23,8 +27,7 @@ def compute_advantages(rollout: pd.DataFrame, scores: pd.DataFrame, reference: p
 
     kl = ppo.kl_per_token(logprobs, ref_logprobs, params.kl.estimator) * mask  # (B, T)
     shaped = ppo.penalise_missing_eos(raw_scores, contains_eos, params.shaping.missing_eos_penalty)  # (B,)
-    kl_coef = params.kl.coef if params.kl.in_reward else 0.0
-    rewards, non_score = ppo.per_token_rewards(shaped, kl, mask, kl_coef)  # (B, T)
+    rewards, non_score = ppo.per_token_rewards(shaped, kl, mask, kl_coef if params.kl.in_reward else 0.0)  # (B, T)
     if params.shaping.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = ppo.gae(rewards, values, mask, params.gae.gamma, params.gae.lam)  # (B, T)
@@ -48,5 +51,8 @@ def compute_advantages(rollout: pd.DataFrame, scores: pd.DataFrame, reference: p
         "val/advantage_mean_raw": float(ppo.masked_mean(advantages, mask)),
         "val/return_mean": float(ppo.masked_mean(returns, mask)),
         "val/value_mean": float(ppo.masked_mean(values, mask)),
+        "objective/kl_coef": float(kl_coef),
     }
+    explained = ppo.explained_variance(values, returns, mask)  # of V_old, the critic that made these advantages
+    metrics["val/explained_variance"] = explained if math.isfinite(explained) else None
     return out, metrics

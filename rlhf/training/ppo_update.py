@@ -19,7 +19,7 @@ from rlhf.artifacts.files import fresh_tmp_dir, replace_dir, write_json
 from rlhf.artifacts.schema import read_iteration
 from rlhf.config.params import Params
 from rlhf.models.actors import CRITIC_ADAPTER, POLICY_ADAPTER, Actors
-from rlhf.models.passes import Packed, critic_values, pack, policy_logprobs
+from rlhf.models.passes import Packed, critic_values, pack, policy_logprobs, policy_logprobs_entropy_grad
 from rlhf.runtime.distributed import Dist
 from rlhf.runtime.progress import bar
 from rlhf.runtime.seeding import derive_seed
@@ -98,7 +98,7 @@ def make_optimizer(named: dict, lr: float, params: Params) -> torch.optim.AdamW:
 
 
 STEP_KEYS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/entropy", "val/clipfrac",
-             "val/ratio", "_ratio_sq", "val/vpred")
+             "val/ratio", "_ratio_sq", "val/vpred", "policy/dual_clipfrac")
 
 
 @dataclass
@@ -115,19 +115,26 @@ def check_finite(name: str, value: torch.Tensor, where: str) -> None:
 
 
 def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where: str, n_tokens: float,
-                     check: bool = True) -> dict:
+                     check: bool = True, *, kl_coef: float) -> dict:
     """Forward + backward over (this rank's share of) one minibatch's micro-batches; gradients accumulate,
-    normalised by the whole minibatch's token count so shares add up to the full-minibatch gradient."""
+    normalised by the whole minibatch's token count so shares add up to the full-minibatch gradient.
+    kl_coef: this iteration's β (used when the KL is a loss term)."""
     stats = StepStats()
     ratio_dev = torch.zeros(())
+    entropy_coef = params.ppo.entropy_coef
+    # the entropy's graph costs a (tokens, V) activation: built only when the bonus is on
+    forward = policy_logprobs_entropy_grad if entropy_coef > 0 else policy_logprobs
     for g in groups:
         m = g.mask  # (b, R)
-        logprobs, entropy = policy_logprobs(actors, g.packed, params.rollout.temperature)  # (b, R)
-        pl = ppo.clipped_policy_loss(logprobs, g.old_logprobs, g.advantages, params.ppo.clip_eps)
+        logprobs, entropy = forward(actors, g.packed, params.rollout.temperature)  # (b, R)
+        pl = ppo.clipped_policy_loss(logprobs, g.old_logprobs, g.advantages, params.ppo.clip_eps,
+                                     params.ppo.dual_clip)
         loss_p = ppo.masked_sum(pl.loss, m) / n_tokens
         if not params.kl.in_reward:
             kl = ppo.kl_per_token(logprobs, g.ref_logprobs, params.kl.estimator)  # (b, R)
-            loss_p = loss_p + params.kl.coef * ppo.masked_sum(kl, m) / n_tokens
+            loss_p = loss_p + kl_coef * ppo.masked_sum(kl, m) / n_tokens
+        if entropy_coef > 0:
+            loss_p = loss_p + ppo.entropy_loss(entropy, m, entropy_coef, n_tokens)
         if check:  # with several ranks a local raise would hang the others; the summed gradients are checked instead
             check_finite("policy loss", loss_p, where)
         loss_p.backward()
@@ -143,6 +150,7 @@ def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where:
             stats.add("loss/value", ppo.masked_sum(vl.loss, m) / n_tokens)
             stats.add("policy/approxkl", ppo.masked_sum(pl.approxkl, m) / n_tokens)
             stats.add("policy/clipfrac", ppo.masked_sum(pl.clipped.float(), m) / n_tokens)
+            stats.add("policy/dual_clipfrac", ppo.masked_sum(pl.dual_clipped.float(), m) / n_tokens)
             stats.add("policy/entropy", ppo.masked_sum(entropy, m) / n_tokens)
             stats.add("val/clipfrac", ppo.masked_sum(vl.clipped.float(), m) / n_tokens)
             stats.add("val/ratio", ppo.masked_sum(ratio, m) / n_tokens)
@@ -174,7 +182,7 @@ def clip_and_step(opt: torch.optim.Optimizer, named: dict, max_norm: float | Non
 # --------------------------------------------------------------------------------------------- epochs
 
 
-def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist) -> list[dict]:
+def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist, *, kl_coef: float) -> list[dict]:
     history = []
     n_groups, n_mb = len(groups), params.ppo.num_minibatches
     per_mb = n_groups // n_mb
@@ -187,7 +195,8 @@ def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist) 
             where = f"iteration {iteration}, epoch {epoch}, minibatch {mb} (step {step})"
             minibatch = [groups[i] for i in order[mb * per_mb:(mb + 1) * per_mb]]
             n_tokens = sum(float(g.mask.sum()) for g in minibatch)
-            sums = minibatch_losses(actors, dist.mine(minibatch), params, where, n_tokens, check=not dist.active)
+            sums = minibatch_losses(actors, dist.mine(minibatch), params, where, n_tokens, check=not dist.active,
+                                    kl_coef=kl_coef)
             dist.sum_gradients([*named[0].values(), *named[1].values()])
             stats = finish_stats(dist.sum_stats(sums, maxima=("policy/ratio_max_abs_dev",)))
             stats["grad_norm/policy"] = clip_and_step(opts[0], named[0], params.ppo.max_grad_norm, "policy", where)
@@ -228,3 +237,12 @@ def summarise(history: list[dict]) -> dict:
     out["first_minibatch/approxkl"] = history[0]["policy/approxkl"]
     out["steps"] = len(history)
     return out
+
+
+def next_kl_coef(df: pd.DataFrame, params: Params, kl_coef: float) -> float:
+    """β for the next iteration: the adaptive controller fed this batch's mean per-response KL (the estimator's,
+    as in the advantages), or kl.coef when it is off."""
+    if params.kl.target is None:
+        return params.kl.coef
+    kl = float(sum(sum(row) for row in df["kl"]) / len(df))
+    return ppo.adaptive_kl_coef(kl_coef, kl, params.kl.target, params.kl.horizon, len(df))
