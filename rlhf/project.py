@@ -84,7 +84,11 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     from rlhf.models.checkpoint import init_state  # torch: imported only by the commands that make models
 
     tmp = fresh_tmp_dir(current)
-    init_state(params, tmp)
+    try:
+        init_state(params, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused or interrupted init leaves nothing behind
+        raise
     write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed})
     replace_dir(tmp, current)
     log(f"init: iteration 0 written to {current}")
