@@ -17,8 +17,10 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params fil
 
 def _params(path: Path):
     from rlhf.config.params import load_params
+    from rlhf.runtime.progress import quiet_libraries
 
     params = load_params(path)
+    quiet_libraries(params.runtime.progress)
     if params.runtime.threads > 0:  # torch only when asked: commands without models never import it
         import torch
 
@@ -58,13 +60,14 @@ def train(params: Path = ParamsOpt,
           iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="default: train.iterations"),
           commit: bool = typer.Option(False, help="git commit + tag each iteration (iter-N)"),
           tag_prefix: str = typer.Option("iter-", help="tag name prefix"),
-          push: bool = typer.Option(False, help="dvc push every iteration's state to the default remote")):
+          push: bool = typer.Option(False, help="dvc push every iteration's state to the default remote"),
+          force: bool = typer.Option(False, "--force", help="with --commit: move iteration tags that already exist")):
     """Run N PPO iterations: dvc repro + advance, N times."""
     from rlhf import project as st
 
     def go():
         p = _params(params)
-        st.train(p, iterations or p.train.iterations, commit, tag_prefix, push)
+        st.train(p, iterations or p.train.iterations, commit, tag_prefix, push, force)
 
     _run(go)
 

@@ -85,7 +85,11 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     from rlhf.models.checkpoint import init_state  # torch: imported only by the commands that make models
 
     tmp = fresh_tmp_dir(current)
-    init_state(params, tmp)
+    try:
+        init_state(params, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused or interrupted init leaves nothing behind
+        raise
     write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed, "kl_coef": params.kl.coef})
     replace_dir(tmp, current)
     log(f"init: iteration 0 written to {current}")
@@ -138,7 +142,34 @@ def same_tree(a: Path, b: Path) -> bool:
     return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
 
 
-def commit(params: Params, message: str, tag: str | None = None) -> None:
+def tag_commit(tag: str) -> str | None:
+    """The commit an existing tag points at (abbreviated), or None."""
+    found = git("rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}", check=False)
+    return found.stdout.strip()[:12] if found.returncode == 0 else None
+
+
+def check_tags_free(tags: list[str], force: bool) -> None:
+    """A tag names what an iteration was; moving one silently rewrites history others may have fetched."""
+    taken = [(tag, sha) for tag in tags if (sha := tag_commit(tag))]
+    if taken and not force:
+        names = ", ".join(tag for tag, _ in taken)
+        verb = "tags {} already exist" if len(taken) > 1 else "tag {} already exists"
+        raise StateError(f"{verb.format(names)} ({taken[0][0]} is on {taken[0][1]}); --force moves existing "
+                         "tags, --tag-prefix gives new names")
+
+
+def planned_tags(params: Params, iterations: int, tag_prefix: str) -> list[str]:
+    """The tags `train --commit` will write: iteration 0 if it has to make it, then the next `iterations`."""
+    current = Path(params.paths.current)
+    if (current / STATE_FILE).exists():
+        start = read_state(current)["iteration"]
+        return [f"{tag_prefix}{start + k}" for k in range(1, iterations + 1)]
+    return [f"{tag_prefix}{k}" for k in range(iterations + 1)]
+
+
+def commit(params: Params, message: str, tag: str | None = None, force: bool = False) -> None:
+    if tag:
+        check_tags_free([tag], force)  # before committing: a refused tag leaves the history as it was
     paths = ["dvc.lock", f"{params.paths.current}.dvc", params.paths.metrics, "params.yaml"]
     git("add", "--", *[p for p in paths if Path(p).exists()])
     git("add", "-u")
@@ -146,23 +177,29 @@ def commit(params: Params, message: str, tag: str | None = None) -> None:
     if done.returncode != 0 and "nothing to commit" not in done.stdout:
         raise StateError(f"git commit failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
     if tag:
-        git("tag", "-f", tag)
+        tagged = git("tag", *(["-f"] if force else []), tag, check=False)
+        if tagged.returncode != 0:
+            raise StateError(f"git tag {tag} failed: {(tagged.stderr or tagged.stdout).strip().splitlines()[-1]}")
         log(f"train: committed and tagged {tag}")
 
 
-def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = "iter-", push: bool = False) -> None:
+def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = "iter-", push: bool = False,
+          force_tags: bool = False) -> None:
     """N × (dvc repro, advance). With commit_each, tag `iter-N` marks the commit right after the repro that made
     iteration N (models/next = N, `dvc repro` there is a no-op, metrics are N's); an untagged commit follows the
-    advance. `dvc metrics diff iter-1 iter-3` then compares iterations."""
+    advance. `dvc metrics diff iter-1 iter-3` then compares iterations. Existing tags are moved only with
+    force_tags, and that is checked for every planned tag before any work."""
     current = Path(params.paths.current)
     first = read_state(current)["iteration"] if (current / STATE_FILE).exists() else 0
     params.check_schedule_horizon(first + iterations - 1)  # refuse before any work, not at the update stage
+    if commit_each:
+        check_tags_free(planned_tags(params, iterations, tag_prefix), force_tags)
     start = time.perf_counter()
     dvc("repro", "prepare", "reward_model")
     if not (Path(params.paths.current) / STATE_FILE).exists():
         init(params)
         if commit_each:
-            commit(params, "PPO iteration 0 (initial state)", f"{tag_prefix}0")
+            commit(params, "PPO iteration 0 (initial state)", f"{tag_prefix}0", force_tags)
         if push:
             dvc("push", str(Path(f"{params.paths.current}.dvc")))
     timings = [("models, prompts, iteration 0 + its evaluation", time.perf_counter() - start)]
@@ -171,7 +208,7 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
         dvc("repro")
         iteration = read_state(params.paths.next)["iteration"]
         if commit_each:
-            commit(params, f"PPO iteration {iteration}", f"{tag_prefix}{iteration}")
+            commit(params, f"PPO iteration {iteration}", f"{tag_prefix}{iteration}", force_tags)
         if push:
             dvc("push")  # this iteration's state and artifacts, while they are the workspace's
         advance(params)

@@ -33,8 +33,9 @@ def main(params) -> None:
     counts.update({"train_prompts": len(train), "eval_prompts": len(evaluation)})
     stats = {"prompt_tokens_mean": float(df["prompt_length"].mean()), "prompt_tokens_max": int(df["prompt_length"].max())}
     write_json(Path(params.paths.metrics) / "prepare.json", {**{k: int(v) for k, v in counts.items()}, **stats})
-    log(f"prepare: {len(train)} train / {len(evaluation)} eval prompts; skipped "
-        + ", ".join(f"{k.removeprefix('skipped_')}={v}" for k, v in sorted(counts.items()) if k.startswith("skipped")))
+    log(f"prepare: {len(train)} train / {len(evaluation)} eval prompts; TL;DR cue added to {counts['added_tldr_cue']}; "
+        "skipped " + ", ".join(f"{k.removeprefix('skipped_')}={v}" for k, v in sorted(counts.items())
+                               if k.startswith("skipped")))
 
 
 if __name__ == "__main__":

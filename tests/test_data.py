@@ -83,14 +83,15 @@ def test_overlong_post_dropped_or_truncated_keeping_the_cue(tokenizer):
     assert tokenizer.decode(out.at[0, "prompt_ids"]).endswith("TL;DR:")
 
 
-def test_real_sample_quirks_pass_through(tokenizer):
+def test_real_sample_quirks_star_post_is_a_counted_skip(tokenizer):
     real = pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet")
     star = real[real["post"].str.strip() == "*"]
     assert len(star) == 1
     counts = Counter()
     out = clean_rows(real, counts)
-    assert star["source_index"].iloc[0] in set(out["prompt_id"])  # a post that is just "*" is still a post
-    assert len(out) == len(real) and sum(v for k, v in counts.items() if k.startswith("skipped")) == 0
+    assert star["source_index"].iloc[0] not in set(out["prompt_id"])  # a post that is just "*": nothing to summarise
+    assert counts["skipped_post_without_letters"] == 1 and counts["added_tldr_cue"] == 0
+    assert len(out) == len(real) - 1 and sum(v for k, v in counts.items() if k.startswith("skipped")) == 1
 
 
 def test_chat_prompt_format_uses_qwen3_template_without_thinking(tokenizer):

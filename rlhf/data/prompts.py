@@ -9,11 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from rlhf.artifacts.schema import ArtifactError
 from rlhf.config.params import Params
+from rlhf.errors import ModelError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+TEXT_COLUMNS = ("prompt", "completion", "subreddit")
+CUE = "TL;DR:"
+# The post of a trl-lib prompt: after its first "POST:", without the closing cue (the whole prompt if no "POST:").
+_POST = re.compile(r"POST:(.*?)(?:TL;DR:\s*)?$", re.S)
+_LETTER = re.compile(r"[^\W\d_]")  # any Unicode letter
 
 
 def load_source(params: Params) -> pd.DataFrame:
@@ -21,7 +28,10 @@ def load_source(params: Params) -> pd.DataFrame:
         path = Path(params.paths.source_data)
         if not path.exists():
             raise ArtifactError(f"{path}: source data not found (paths.source_data)")
-        return pd.read_parquet(path)
+        try:
+            return pd.read_parquet(path)
+        except (pa.ArrowException, OSError) as err:  # a file named .parquet that is not one, or a truncated one
+            raise ArtifactError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
     try:
         import datasets
 
@@ -38,13 +48,36 @@ def clean_text(value: object) -> str | None:
     return _CONTROL.sub("", str(value))
 
 
+def check_text_columns(df: pd.DataFrame) -> None:
+    """Text columns hold strings (bytes are decoded, missing values are counted skips); anything else, such as an
+    integer `prompt` column, is a source that was built wrong, so stop instead of turning numbers into prompts."""
+    for col in (c for c in TEXT_COLUMNS if c in df.columns):
+        values = df[col].tolist()
+        bad = [i for i, v in enumerate(values) if not (_is_missing(v) or isinstance(v, (str, bytes)))]
+        if bad:
+            sample = ", ".join(f"row {i}: {values[i]!r}" for i in bad[:3])
+            raise ArtifactError(f"source data column {col!r} must hold text, but {len(bad)} of {len(values)} rows "
+                                f"hold {type(values[bad[0]]).__name__} values ({sample})")
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+
+
+def post_text(query: str) -> str:
+    match = _POST.search(query)
+    return match.group(1) if match else query.removesuffix(CUE)
+
+
 def clean_rows(df: pd.DataFrame, counts: Counter) -> pd.DataFrame:
-    """Normalise text, drop rows with no usable prompt or reference, de-duplicate prompts (first one wins)."""
+    """Normalise text, drop rows with no usable prompt, post or reference, give every prompt the TL;DR cue,
+    de-duplicate prompts (first one wins)."""
     for col in ("prompt", "completion"):
         if col not in df.columns:
             raise ArtifactError(f"source data has no {col!r} column (columns: {list(df.columns)})")
     if len(df) == 0:
         raise ArtifactError("source data is empty")
+    check_text_columns(df)
     out = pd.DataFrame({
         "prompt_id": df["source_index"].astype("int64") if "source_index" in df.columns else np.arange(len(df)),
         "subreddit": df["subreddit"].map(clean_text) if "subreddit" in df.columns else "",
@@ -52,18 +85,34 @@ def clean_rows(df: pd.DataFrame, counts: Counter) -> pd.DataFrame:
         "reference": df["completion"].map(clean_text),
     })
     no_prompt = out["query"].isna() | (out["query"].fillna("").str.strip() == "")
-    post_empty = out["query"].fillna("").str.contains(r"POST:\s*TL;DR:\s*$", regex=True)
+    post = out["query"].fillna("").map(post_text)
+    post_empty = ~no_prompt & (post.str.strip() == "")
+    # A post with no letter at all (the real sample has one that is just "*") gives nothing to summarise.
+    no_letters = ~no_prompt & ~post_empty & ~post.str.contains(_LETTER)
     no_ref = out["reference"].isna() | (out["reference"].fillna("").str.strip() == "")
     counts["skipped_empty_prompt"] += int(no_prompt.sum())
-    counts["skipped_empty_post"] += int((post_empty & ~no_prompt).sum())
-    counts["skipped_missing_reference"] += int((no_ref & ~no_prompt & ~post_empty).sum())
-    out = out[~(no_prompt | post_empty | no_ref)]
+    counts["skipped_empty_post"] += int(post_empty.sum())
+    counts["skipped_post_without_letters"] += int(no_letters.sum())
+    counts["skipped_missing_reference"] += int((no_ref & ~no_prompt & ~post_empty & ~no_letters).sum())
+    out = out[~(no_prompt | post_empty | no_letters | no_ref)]
+    # A prompt without the cue is given it rather than skipped: its post and reference are as good as any, and the
+    # cue is only the layout's last line, the point the policy continues from. Skipping would also silently empty a
+    # source whose prompts all lack it. Counted (added_tldr_cue) so the change is visible in metrics/prepare.json.
+    no_cue = ~out["query"].str.rstrip().str.endswith(CUE)
+    counts["added_tldr_cue"] += int(no_cue.sum())
+    out.loc[no_cue, "query"] = out.loc[no_cue, "query"].str.rstrip() + "\n\n" + CUE
     dup = out["query"].duplicated(keep="first")
     counts["skipped_duplicate_prompt"] += int(dup.sum())
     out = out[~dup]
     dup_id = out["prompt_id"].duplicated(keep="first")
     counts["skipped_duplicate_id"] += int(dup_id.sum())
     return out[~dup_id].reset_index(drop=True)
+
+
+def check_prompt_format(tokenizer, prompt_format: str) -> None:
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"policy_model.prompt_format: chat needs a chat template, and the tokenizer in "
+                         f"{tokenizer.name_or_path} has none; use prompt_format: raw")
 
 
 def render_prompt(tokenizer, query: str, prompt_format: str) -> str:
@@ -76,6 +125,7 @@ def render_prompt(tokenizer, query: str, prompt_format: str) -> str:
 
 def tokenize_prompts(df: pd.DataFrame, tokenizer, params: Params, counts: Counter) -> pd.DataFrame:
     limit, how = params.data.max_prompt_tokens, params.data.overlong
+    check_prompt_format(tokenizer, params.policy_model.prompt_format)
     prompts, ids = [], []
     for query in df["query"]:
         text = render_prompt(tokenizer, query, params.policy_model.prompt_format)

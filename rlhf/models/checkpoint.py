@@ -11,10 +11,23 @@ from torch import nn
 
 from rlhf.artifacts.files import fresh_tmp_dir, replace_dir, write_json
 from rlhf.config.params import Params
+from rlhf.errors import ModelError
 from rlhf.models.actors import CRITIC_ADAPTER, POLICY_ADAPTER, Actors, hidden_size, lora_config, quiet_peft_wrap
 from rlhf.models.sources import _from_pretrained, load_causal_lm, load_tokenizer, stop_token_ids
 
 OPTIMIZER_DIR = "optimizer"
+
+
+def check_target_modules(model: nn.Module, targets) -> None:
+    """lora.target_modules against the architecture, before peft wraps it (peft's own complaint is a traceback).
+    A target matches as in peft: a module's full name or its last dotted parts."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear))
+        raise ModelError(f"lora.target_modules: {', '.join(missing)} not in the model; its linear modules: "
+                         f"{', '.join(linear)}")
+
 
 def init_state(params: Params, out_dir: Path) -> None:
     """Iteration 0: a fresh policy adapter (B = 0, so it equals the base), a critic and a seeded value head."""
@@ -24,6 +37,7 @@ def init_state(params: Params, out_dir: Path) -> None:
     base_dir = Path(params.paths.policy_model)
     base = load_causal_lm(base_dir, "float32", params.policy_model.trust_remote_code)
     lora = params.lora
+    check_target_modules(base, lora.target_modules)
     with quiet_peft_wrap():
         model = get_peft_model(base, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules),
                                adapter_name=POLICY_ADAPTER)
@@ -75,6 +89,7 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
     base_dir = Path(params.paths.policy_model)
     tokenizer = load_tokenizer(base_dir)
     base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code, pm.attention)
+    check_target_modules(base, params.lora.target_modules)
     # low_cpu_mem_usage: adapters are built empty and filled from the files (no random init that is overwritten)
     with quiet_peft_wrap():
         model = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,

@@ -16,6 +16,7 @@ from rlhf.config.params import EMBEDDED_POLICY, EMBEDDED_SCORER
 from rlhf.errors import ModelError
 
 SOURCE_FILE = "source.json"
+EMBEDDED_POLICY_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF is a quantisation of
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def _wheel_dir(module: str, pip_name: str) -> Path:
@@ -40,7 +41,7 @@ def convert_embedded_policy(out_dir: Path) -> None:
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.name_or_path = EMBEDDED_POLICY_HUB_ID
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     config = json.loads((out_dir / "config.json").read_text())

@@ -28,8 +28,10 @@ def run_stage(main: Callable[..., object], warm: bool = True, argv: list[str] | 
 
 def _run(main: Callable[..., object], argv: list[str], params_file: Path, args: list[str], warm: bool) -> int:
     from rlhf.config.params import load_params
+    from rlhf.runtime.progress import quiet_libraries
 
     params = load_params(params_file)
+    quiet_libraries(params.runtime.progress)  # here, so that the warm process is started with it too
     if warm and params.runtime.warm_start:
         from rlhf.runtime import warm_start
 

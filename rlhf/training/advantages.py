@@ -22,8 +22,9 @@ def compute_advantages(rollout: pd.DataFrame, scores: pd.DataFrame, reference: p
     ref_logprobs, _ = ppo.pad_ragged(list(reference["ref_logprobs"]), dtype=f64)  # (B, T)
     values, _ = ppo.pad_ragged(list(reference["values"]), dtype=f64)  # (B, T)
     entropy, _ = ppo.pad_ragged(list(rollout["entropy"]), dtype=f64)  # (B, T)
-    raw_scores = torch.as_tensor(scores["score"].to_numpy(), dtype=f64)  # (B,)
-    contains_eos = torch.as_tensor(rollout["contains_eos"].to_numpy())  # (B,)
+    # copy=True: pyarrow-backed columns are read-only arrays, which torch warns about on every run
+    raw_scores = torch.as_tensor(scores["score"].to_numpy(copy=True), dtype=f64)  # (B,)
+    contains_eos = torch.as_tensor(rollout["contains_eos"].to_numpy(copy=True))  # (B,)
 
     kl = ppo.kl_per_token(logprobs, ref_logprobs, params.kl.estimator) * mask  # (B, T)
     shaped = ppo.penalise_missing_eos(raw_scores, contains_eos, params.shaping.missing_eos_penalty)  # (B,)
