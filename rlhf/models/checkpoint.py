@@ -80,14 +80,16 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
     base_dir = Path(params.paths.policy_model)
     tokenizer = load_tokenizer(base_dir)
     base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code, attention)
-    # low_cpu_mem_usage: adapters are built empty and filled from the files (no random init that is overwritten)
+    # Not low_cpu_mem_usage: that builds the adapters empty in the base dtype and fills them from the files, so with
+    # a bf16 base the fp32 master weights came back rounded to bf16 at every iteration boundary. Built in fp32
+    # (autocast_adapter_dtype) and then filled, they load bit for bit (a random init is overwritten: ~0.1 s).
     with quiet_peft_wrap():
         model = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
-                                          is_trainable=trainable, autocast_adapter_dtype=True, low_cpu_mem_usage=True)
+                                          is_trainable=trainable, autocast_adapter_dtype=True, low_cpu_mem_usage=False)
     critic_backbone = None
     if with_critic and params.critic.mode == "lora":
         model.load_adapter(state_dir / CRITIC_ADAPTER, adapter_name=CRITIC_ADAPTER, is_trainable=trainable,
-                           low_cpu_mem_usage=True)
+                           low_cpu_mem_usage=False)
     elif with_critic:
         from transformers import AutoModel
 
