@@ -18,6 +18,7 @@ from rlhf.models.passes import exact_kl, length_sorted_groups, pack
 from rlhf.models.sampling import contains_stop, generate
 from rlhf.models.scorers import load_scorer
 from rlhf.reports.samples import post_text
+from rlhf.runtime.device import resolve_device
 from rlhf.runtime.log import log
 from rlhf.runtime.seeding import derive_seed
 
@@ -28,7 +29,7 @@ def kl_to_reference(actors, prompts: list, responses: list, temperature: float, 
     kls = [0.0] * len(prompts)
     for g in sorted(set(groups)):
         rows = [i for i, x in enumerate(groups) if x == g]
-        packed = pack([prompts[i] for i in rows], [responses[i] for i in rows])
+        packed = pack([prompts[i] for i in rows], [responses[i] for i in rows], actors.device.where)
         with torch.no_grad():
             kl = exact_kl(actors, packed, temperature)  # (b, R)
         for j, i in enumerate(rows):
@@ -47,8 +48,11 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     texts = actors.tokenizer.batch_decode(responses, skip_special_tokens=True)
     kls = kl_to_reference(actors, ids, responses, cfg.temperature, params.rollout.micro_batch_size)
     eos = [contains_stop(r, actors.stop_ids) for r in responses]
-    del actors
-    scorer = load_scorer(Path(params.paths.reward_model), params.reward_model)
+    device = actors.device
+    del actors  # the policy is freed before the reward model is loaded
+    device.free()
+    scorer = load_scorer(Path(params.paths.reward_model), params.reward_model,
+                         resolve_device(params.runtime.device, params.reward_model.dtype))
     rewards = scorer.score(list(prompts["query"]), texts, list(prompts["reference"]))
     table = pd.DataFrame({"prompt_id": prompts["prompt_id"], "query": prompts["query"], "summary": texts,
                           "reward": rewards, "kl": kls, "length": [len(r) for r in responses],

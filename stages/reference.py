@@ -14,13 +14,17 @@ def main(params) -> None:
     from rlhf.artifacts.schema import read_artifact, write_artifact
     from rlhf.models.checkpoint import load_actors
     from rlhf.models.passes import score_references
+    from rlhf.runtime.device import resolve_device
     from rlhf.runtime.distributed import init_distributed
     from rlhf.runtime.log import log
 
     rollout = read_artifact(Path(params.paths.iteration) / "rollout.parquet", "rollout")
-    dist = init_distributed()
-    actors = load_actors(params, Path(params.paths.current), trainable=False)
+    device = resolve_device(params.runtime.device, params.policy_model.dtype)
+    dist = init_distributed(device)
+    actors = load_actors(params, Path(params.paths.current), trainable=False, device=device)
     ref_logprobs, values = score_references(actors, rollout, params.rollout.temperature, dist)
+    del actors
+    device.free()
     if not dist.is_main:
         return
     out = pd.DataFrame({"prompt_id": rollout["prompt_id"], "ref_logprobs": ref_logprobs, "values": values})

@@ -12,13 +12,17 @@ def main(params) -> None:
 
     from rlhf.artifacts.schema import read_artifact, write_artifact
     from rlhf.models.scorers import load_scorer
+    from rlhf.runtime.device import resolve_device
     from rlhf.runtime.distributed import init_distributed
     from rlhf.runtime.log import log
 
     rollout = read_artifact(Path(params.paths.iteration) / "rollout.parquet", "rollout")
-    dist = init_distributed()
-    scorer = load_scorer(Path(params.paths.reward_model), params.reward_model)
+    device = resolve_device(params.runtime.device, params.reward_model.dtype)
+    dist = init_distributed(device)
+    scorer = load_scorer(Path(params.paths.reward_model), params.reward_model, device)  # the only model held here
     scores = scorer.score(list(rollout["query"]), list(rollout["response_text"]), list(rollout["reference"]), dist)
+    del scorer
+    device.free()
     if not dist.is_main:
         return
     write_artifact(pd.DataFrame({"prompt_id": rollout["prompt_id"], "score": scores}), "scores",

@@ -20,14 +20,16 @@ def main(params) -> None:
     from rlhf.models.checkpoint import load_actors
     from rlhf.models.passes import length_sorted_groups, score_responses
     from rlhf.models.sampling import contains_stop, generate
+    from rlhf.runtime.device import resolve_device
     from rlhf.runtime.distributed import init_distributed
     from rlhf.runtime.log import log
     from rlhf.runtime.seeding import derive_seed
 
-    dist = init_distributed()
+    device = resolve_device(params.runtime.device, params.policy_model.dtype)
+    dist = init_distributed(device)
     state = read_state(params.paths.current)
     batch = read_artifact(Path(params.paths.iteration) / "batch.parquet", "prompts")
-    actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False)
+    actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False, device=device)
 
     cfg = params.rollout
     start = time.perf_counter()
@@ -48,6 +50,8 @@ def main(params) -> None:
         "contains_eos": [contains_stop(r, actors.stop_ids) for r in responses],
     })
     df["logprobs"], df["entropy"] = score_responses(actors, df, cfg.temperature, dist)
+    del actors
+    device.free()
     if not dist.is_main:
         return
 

@@ -17,6 +17,7 @@ from rlhf.models.sources import load_causal_lm, make_model_available
 from rlhf.config.params import parse_params
 from rlhf.models.sampling import cache_kwarg
 from rlhf.models.scorers import ClassifierScorer, budget_batches, render_for_reward_model
+from rlhf.runtime.device import resolve_device
 
 
 @pytest.fixture
@@ -97,7 +98,8 @@ POST_ROW = 1  # the "Gangnam Style" post
 
 
 def test_reward_model_sees_its_own_chat_template(project):
-    scorer = ClassifierScorer(Path(project.paths.reward_model), project.reward_model)
+    scorer = ClassifierScorer(Path(project.paths.reward_model), project.reward_model,
+                              resolve_device(project.runtime.device, project.reward_model.dtype))
     df = pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet")
     query, response = df.prompt[POST_ROW], " Mom woke me up with loud TV; I retaliated with Gangnam Style."
     text = render_for_reward_model(scorer.tokenizer, query, response)
@@ -112,7 +114,8 @@ def test_reward_model_sees_its_own_chat_template(project):
 
 
 def test_batch_scores_equal_one_by_one_any_padding_side_and_order(project):
-    scorer = ClassifierScorer(Path(project.paths.reward_model), project.reward_model)
+    scorer = ClassifierScorer(Path(project.paths.reward_model), project.reward_model,
+                              resolve_device(project.runtime.device, project.reward_model.dtype))
     df = pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet").head(6)
     queries, responses = list(df.prompt), [c[: 20 + 15 * i] for i, c in enumerate(df.completion)]
     single = [scorer.score([q], [r], [None])[0] for q, r in zip(queries, responses)]

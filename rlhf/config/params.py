@@ -56,8 +56,9 @@ class PolicyModel(_Section):
     dtype: Literal["float32", "bfloat16"]
     trust_remote_code: bool
     prompt_format: Literal["raw", "chat"]
-    # chunked: our causal attention for the unpadded training/scoring passes (rlhf/models/attention.py), SDPA elsewhere
-    attention: Literal["chunked", "sdpa", "eager"]
+    # chunked: our causal attention for the unpadded training/scoring passes (rlhf/models/attention.py), SDPA elsewhere;
+    # auto: chunked on the CPU, SDPA on CUDA (rlhf/runtime/device.py)
+    attention: Literal["auto", "chunked", "sdpa", "eager"]
     # A separate frozen reference model; null means "the policy with its LoRA adapter disabled".
     reference: str | None
 
@@ -68,7 +69,7 @@ class RewardModel(_Section):
     kind: Literal["similarity", "classifier"]
     dtype: Literal["float32", "bfloat16"]
     trust_remote_code: bool
-    attention: Literal["chunked", "sdpa", "eager"]  # chunked only helps causal (decoder) reward models
+    attention: Literal["auto", "chunked", "sdpa", "eager"]  # chunked only helps causal (decoder) reward models
     max_length: int = Field(ge=16)
     token_budget: int = Field(ge=16)
 
@@ -177,6 +178,7 @@ class Runtime(_Section):
     threads: int = Field(ge=0)  # 0: torch's default
     progress: Literal["auto", "on", "off"]
     warm_start: bool  # model stages fork from one process that has imported torch/transformers (stages/warm.py)
+    device: Literal["auto", "cpu", "cuda", "meta"]  # auto: CUDA when torch sees it; meta: shapes only (tests)
 
 
 class Params(_Section):

@@ -10,17 +10,19 @@ from pathlib import Path
 
 PRESETS: dict[str, dict] = {
     "mission": {
-        "policy_model": {"id": "Qwen/Qwen3-0.6B", "dtype": "bfloat16", "prompt_format": "chat"},
+        "policy_model": {"id": "Qwen/Qwen3-0.6B", "dtype": "bfloat16", "prompt_format": "chat",
+                         "attention": "auto"},
         "reward_model": {"id": "Skywork/Skywork-Reward-V2-Qwen3-8B", "kind": "classifier", "dtype": "bfloat16",
-                         "max_length": 4096, "token_budget": 16384},
+                         "max_length": 4096, "token_budget": 16384, "attention": "auto"},
         "data": {"source": "trl-lib/tldr", "split": "train"},
         "lora": {"r": 32, "alpha": 64, "dropout": 0.0},
         "critic": {"mode": "lora", "lora_r": 32, "lora_alpha": 64},
     },
     "embedded": {
-        "policy_model": {"id": "embedded:smollm2-135m-instruct", "dtype": "bfloat16", "prompt_format": "raw"},
+        "policy_model": {"id": "embedded:smollm2-135m-instruct", "dtype": "bfloat16", "prompt_format": "raw",
+                         "attention": "auto"},
         "reward_model": {"id": "embedded:all-minilm-l6-v2", "kind": "similarity", "dtype": "float32",
-                         "max_length": 1024, "token_budget": 8192},
+                         "max_length": 1024, "token_budget": 8192, "attention": "auto"},
         "data": {"source": "local", "split": "validation"},
         "lora": {"r": 32, "alpha": 64, "dropout": 0.0},
         "critic": {"mode": "lora", "lora_r": 32, "lora_alpha": 64},

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rlhf.runtime.device import Device
 
 POLICY_ADAPTER = "policy"
 CRITIC_ADAPTER = "critic"
@@ -27,7 +28,7 @@ class Actors:
     reference: nn.Module | None  # only when policy_model.reference names a separate model
     stop_ids: list[int]
     trainable: bool
-    autocast_dtype: torch.dtype | None = None  # bf16 base: LoRA/critic weights stay fp32, their matmuls run in bf16
+    device: Device  # where every tensor of a pass lives; bf16 base: LoRA/critic stay fp32, matmuls run in bf16
 
     tuner_layers: list = field(default_factory=list)  # peft's adapter layers, found once at load
     adapter_params: list = field(default_factory=list)  # every LoRA A/B tensor of both adapters
@@ -39,7 +40,7 @@ class Actors:
         install_fused_lora(self.tuner_layers)
         self.adapter_params = [p for layer in self.tuner_layers for n, p in layer.named_parameters()
                                if "lora_" in n]
-        if self.autocast_dtype is not None:
+        if self.device.autocast_dtype is not None:
             # With a bf16 base, peft would cast each projection's input to the fp32 adapter dtype (an fp32 LoRA
             # matmul plus two full-activation copies per projection). Every forward runs under autocast instead
             # (compute()), which casts the adapters' fp32 master weights to bf16 per call; gradients still reach
@@ -50,9 +51,7 @@ class Actors:
     def compute(self) -> contextlib.AbstractContextManager:
         """The numeric context of every forward pass (autocast with a bf16 base, see __post_init__). Rollout,
         reference and update all run inside it, so the first-minibatch ratio stays exactly 1."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=self.autocast_dtype)
+        return self.device.compute()
 
     def use(self, adapter: str) -> None:
         """Route the LoRA layers through `adapter`: what PeftModel.set_adapter does for LoRA, over the layers found

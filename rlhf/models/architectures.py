@@ -46,12 +46,13 @@ def build_policy(configs: Path, out_dir: Path, seed: int = 0, torch_dtype: str =
     return out_dir
 
 
-def build_reward(configs: Path, out_dir: Path, seed: int = 1, **overrides) -> Path:
+def build_reward(configs: Path, out_dir: Path, seed: int = 1, torch_dtype: str = "float32", **overrides) -> Path:
     from transformers import Qwen3ForSequenceClassification
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model = Qwen3ForSequenceClassification(qwen3_config(Path(configs) / SKYWORK_CONFIG, num_labels=1, **overrides))
+    model = model.to(getattr(torch, torch_dtype))
     model.save_pretrained(out_dir, safe_serialization=True)
     copy_tokenizer(configs, out_dir)
     return out_dir

@@ -1,4 +1,5 @@
-"""Causal self-attention for unpadded (right-padded) batches on CPU: `policy_model.attention: chunked`.
+"""Causal self-attention for unpadded (right-padded) batches on CPU: `policy_model.attention: chunked` (what `auto`
+picks on the CPU; on CUDA `auto` is SDPA's fused kernels, see rlhf/runtime/device.py).
 
 Why: every training and scoring pass here is causal attention over [prompt, response, pad] rows with no padding
 mask (right padding cannot leak into real tokens under a causal mask), and generation's prefill is causal attention
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.runtime.device import autocast_off
+
 NAME = "chunked"
 
 
@@ -30,9 +33,9 @@ def _probs(q_chunk: torch.Tensor, k: torch.Tensor, start: int, end: int, groups:
     scores = torch.matmul(q_chunk, k[:, :, :end].transpose(-1, -2)).view(b, hk, groups, n, end)  # (b, hk, g, n, e)
     if key_start is not None:  # left padding: keys before a row's first real token are out. A finite fill keeps
         # the pad rows (which see only pad keys) finite: a NaN there would leak through 0·NaN in p·V.
-        pads = torch.arange(end) < key_start.view(b, 1, 1, 1, 1)  # (b, 1, 1, 1, e)
+        pads = torch.arange(end, device=k.device) < key_start.view(b, 1, 1, 1, 1)  # (b, 1, 1, 1, e)
         scores.masked_fill_(pads, torch.finfo(scores.dtype).min)
-    future = torch.ones(n, n, dtype=torch.bool).triu_(1)  # (n, n): only the diagonal block has masked keys
+    future = torch.ones(n, n, dtype=torch.bool, device=k.device).triu_(1)  # (n, n): only the diagonal block has masked keys
     scores[..., start:end].masked_fill_(future, float("-inf"))
     return torch.softmax(scores, dim=-1).view(b, hk, groups * n, end)  # fp32 accumulation inside
 
@@ -44,7 +47,7 @@ class ChunkedCausalAttention(torch.autograd.Function):
         b, h, T, d = q.shape  # k, v: (b, hk, T, d)
         hk = k.shape[1]
         g = h // hk
-        with torch.autocast("cpu", enabled=False):
+        with autocast_off(q):
             k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
             qs = (q * scaling).contiguous().view(b, hk, g, T, d)  # queries sharing a K/V head side by side
             out = torch.empty_like(qs)  # (b, hk, g, T, d)
@@ -61,11 +64,11 @@ class ChunkedCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         qs, k, v = ctx.saved_tensors
         b, hk, g, T, d = qs.shape
-        with torch.autocast("cpu", enabled=False):
+        with autocast_off(qs):
             dout = grad_out.to(qs.dtype).contiguous().view(b, hk, g, T, d)
             dq = torch.empty_like(qs)  # (b, hk, g, T, d)
-            dk = torch.zeros(k.shape, dtype=torch.float32)  # (b, hk, T, d): sums over chunks in fp32
-            dv = torch.zeros(v.shape, dtype=torch.float32)
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # (b, hk, T, d): sums over chunks in fp32
+            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
             for s in range(0, T, ctx.chunk):
                 e = min(T, s + ctx.chunk)
                 n = e - s
@@ -98,9 +101,9 @@ def left_padding_starts(mask: torch.Tensor) -> torch.Tensor | None:
         return None
     T = mask.shape[-1]
     starts = (~mask[:, 0, -1]).sum(-1)  # (b,): the last position is real under left padding
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=mask.device)
     real = pos.view(1, T) >= starts.view(-1, 1)  # (b, T)
-    expected = torch.ones(T, T, dtype=torch.bool).tril_() & real.unsqueeze(1) & real.unsqueeze(2)  # (b, T, T)
+    expected = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril_() & real.unsqueeze(1) & real.unsqueeze(2)  # (b, T, T)
     return starts if torch.equal(mask[:, 0], expected) else None
 
 

@@ -14,6 +14,7 @@ from rlhf.config.params import Params
 from rlhf.errors import ModelError
 from rlhf.models.actors import CRITIC_ADAPTER, POLICY_ADAPTER, Actors, hidden_size, lora_config, quiet_peft_wrap
 from rlhf.models.sources import _from_pretrained, load_causal_lm, load_tokenizer, stop_token_ids
+from rlhf.runtime.device import Device, resolve_device
 
 OPTIMIZER_DIR = "optimizer"
 
@@ -82,60 +83,77 @@ def load_value_head(folder: Path, d: int) -> nn.Linear:
     return head
 
 
-def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: bool = True) -> Actors:
+def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: bool = True,
+                device: Device | None = None) -> Actors:
+    """The iteration's models on `device` (None: the one params.runtime.device resolves to)."""
     from peft import PeftModel
 
     pm = params.policy_model
+    device = device or resolve_device(params.runtime.device, pm.dtype)
+    attention = device.attention(pm.attention)
     base_dir = Path(params.paths.policy_model)
     tokenizer = load_tokenizer(base_dir)
-    base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code, pm.attention)
+    base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code, attention)
     check_target_modules(base, params.lora.target_modules)
-    # low_cpu_mem_usage: adapters are built empty and filled from the files (no random init that is overwritten)
+    # Not low_cpu_mem_usage: that builds the adapters empty in the base dtype and fills them from the files, so with
+    # a bf16 base the fp32 master weights came back rounded to bf16 at every iteration boundary. Built in fp32
+    # (autocast_adapter_dtype) and then filled, they load bit for bit (a random init is overwritten: ~0.1 s).
     with quiet_peft_wrap():
         model = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
-                                          is_trainable=trainable, autocast_adapter_dtype=True, low_cpu_mem_usage=True)
+                                          is_trainable=trainable, autocast_adapter_dtype=True, low_cpu_mem_usage=False)
     critic_backbone = None
     if with_critic and params.critic.mode == "lora":
         model.load_adapter(state_dir / CRITIC_ADAPTER, adapter_name=CRITIC_ADAPTER, is_trainable=trainable,
-                           low_cpu_mem_usage=True)
+                           low_cpu_mem_usage=False)
     elif with_critic:
         from transformers import AutoModel
 
-        critic_backbone = _from_pretrained(AutoModel, state_dir / CRITIC_ADAPTER / "backbone", pm.dtype, False,
-                                           pm.attention)
-        critic_backbone.train(False).requires_grad_(trainable)
-    head = load_value_head(state_dir / CRITIC_ADAPTER, hidden_size(base)).requires_grad_(trainable)
-    reference = load_causal_lm(Path(pm.reference), pm.dtype, pm.trust_remote_code, pm.attention) if pm.reference else None
+        # fp32 master weights, as the LoRA adapters have: with a bf16 base the passes run under autocast (bf16
+        # matmuls) while AdamW updates fp32 weights; a bf16 copy would lose most updates to rounding.
+        critic_backbone = _from_pretrained(AutoModel, state_dir / CRITIC_ADAPTER / "backbone", "float32", False,
+                                           attention)
+        critic_backbone.train(False).requires_grad_(trainable).to(device.where)
+    head = load_value_head(state_dir / CRITIC_ADAPTER, hidden_size(base)).requires_grad_(trainable).to(device.where)
+    reference = load_causal_lm(Path(pm.reference), pm.dtype, pm.trust_remote_code, attention) if pm.reference else None
+    if reference is not None:
+        reference.to(device.where)
+    model.to(device.where)
     model.eval()  # dropout is off; train() only matters if lora.dropout > 0
-    autocast = torch.bfloat16 if pm.dtype == "bfloat16" else None
     actors = Actors(model, tokenizer, head, critic_backbone, reference, stop_token_ids(tokenizer, base_dir), trainable,
-                    autocast)
+                    device)
     actors.use(POLICY_ADAPTER)
     return actors
 
 
 def save_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path) -> None:
-    """AdamW moments as safetensors keyed by parameter name (no pickle in artifacts)."""
+    """opt.state_dict()'s per-parameter state as safetensors (no pickle in artifacts), keyed `<parameter name>::<key>`
+    rather than by position, so it finds its parameters again in the next iteration's optimizer. Saved from the
+    device in the state's own dtype; the hyperparameters are not saved (each iteration sets its own lr)."""
     from safetensors.torch import save_file
 
+    state = opt.state_dict()["state"]
     tensors = {}
-    for name, p in named.items():
-        for key, value in opt.state.get(p, {}).items():
-            tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().float().contiguous().clone()
+    for index, name in enumerate(named):
+        for key, value in state.get(index, {}).items():
+            tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
     save_file(tensors, str(path))
 
 
 def load_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path) -> None:
+    """Through opt.load_state_dict, which casts each moment to its parameter's device and dtype (and the step to what
+    a fused or capturable AdamW needs). `named` must list the parameters in the optimizer's order."""
     from safetensors.torch import load_file
 
     if not path.exists():
         return  # iteration 0: fresh moments
     tensors = load_file(str(path))
-    for name, p in named.items():
-        state = {key.split("::", 1)[1]: v for key, v in tensors.items() if key.split("::", 1)[0] == name}
-        if state:
-            state["step"] = state["step"].reshape(())
-            opt.state[p] = state
+    state: dict[int, dict] = {}
+    for index, name in enumerate(named):
+        entry = {key.split("::", 1)[1]: v for key, v in tensors.items() if key.split("::", 1)[0] == name}
+        if entry:
+            entry["step"] = entry["step"].reshape(())
+            state[index] = entry
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def save_state(actors: Actors, opts, named, state: dict, steps: int, next_dir: Path) -> None:

@@ -25,8 +25,10 @@ class Packed:
     response_index: torch.Tensor  # (b, R): position whose hidden state predicts response token t
 
 
-def pack(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> Packed:
-    """Pad with id 0 after the sequence: the pad id is never attended to, so pad == EOS is harmless."""
+def pack(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+         device: torch.device | None = None) -> Packed:
+    """Pad with id 0 after the sequence: the pad id is never attended to, so pad == EOS is harmless. Built row by
+    row in host memory, then moved to `device` (None: torch's default) in one copy per tensor."""
     b = len(prompt_ids)
     L = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
     R = max(1, max(len(r) for r in response_ids))
@@ -40,11 +42,12 @@ def pack(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[in
         responses[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         response_mask[i, :len(r)] = 1
         index[i] = (torch.arange(R) + len(p) - 1).clamp(max=L - 1)  # padded t: any valid index, masked later
-    return Packed(input_ids, responses, response_mask, index)
+    return Packed(*(t.to(device) for t in (input_ids, responses, response_mask, index)))
 
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts left-padded for sampling: (b, P) ids and attention mask."""
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded for sampling: (b, P) ids and attention mask, on `device` (None: torch's default)."""
     P = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
@@ -52,7 +55,7 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
         if len(p):
             ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
             mask[i, P - len(p):] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def length_sorted_groups(lengths: Sequence[int], group_size: int) -> list[int]:
@@ -166,9 +169,10 @@ def score_responses(actors: Actors, df, temperature: float, dist: Dist = Dist())
     shared out across ranks); unpadded lists per row, in the frame's order."""
     local = {}
     for _, group in dist.mine(list(df.groupby("micro_batch", sort=True))):
-        packed = pack(list(group["prompt_ids"]), list(group["response_ids"]))
+        packed = pack(list(group["prompt_ids"]), list(group["response_ids"]), actors.device.where)
         with torch.no_grad():
             lp, ent = policy_logprobs(actors, packed, temperature)  # (b, R)
+        lp, ent = lp.cpu(), ent.cpu()  # the artifact boundary: one copy per micro-batch
         for j, i in enumerate(group.index):
             n = len(df.at[i, "response_ids"])
             local[i] = (lp[j, :n].tolist(), ent[j, :n].tolist())
@@ -180,10 +184,11 @@ def score_references(actors: Actors, rollout, temperature: float, dist: Dist = D
     """Reference log-probs and critic values (V_old) per response token of a rollout frame, in its micro-batches."""
     local = {}
     for _, group in dist.mine(list(rollout.groupby("micro_batch", sort=True))):
-        packed = pack(list(group["prompt_ids"]), list(group["response_ids"]))
+        packed = pack(list(group["prompt_ids"]), list(group["response_ids"]), actors.device.where)
         with torch.no_grad():
             ref = reference_logprobs(actors, packed, temperature)  # (b, R)
             v = critic_values(actors, packed)  # (b, R)
+        ref, v = ref.cpu(), v.cpu()  # the artifact boundary: one copy per micro-batch
         for j, i in enumerate(group.index):
             n = int(rollout.at[i, "response_length"])
             local[i] = (ref[j, :n].tolist(), v[j, :n].tolist())

@@ -38,7 +38,8 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
     if greedy:
         return logits.argmax(-1)
     scores = nucleus_filter(logits / temperature, top_p)  # (b, V)
-    uniform = torch.rand(scores.shape, generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
+    uniform = torch.rand(scores.shape, generator=generator, device=scores.device)
+    uniform.clamp_(min=torch.finfo(torch.float32).tiny)
     gumbel = -torch.log(-torch.log(uniform))  # (b, V): argmax(scores + Gumbel) ~ softmax(scores)
     return (scores + gumbel).argmax(-1)
 
@@ -57,12 +58,12 @@ def decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_token
     """Left-padded prompts (b, P) → new tokens (b, ≤ max_new_tokens); a row that emitted a stop token gets pad_id
     after it, and the loop ends when every row has stopped."""
     b = ids.shape[0]
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=ids.device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, P): as generate() numbers left-padded rows
     mask = attention_mask
     kv = {cache_kwarg(model): cache}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kv)
-    done = torch.zeros(b, dtype=torch.bool)
+    done = torch.zeros(b, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         token = pick(out.logits[:, -1].float())  # (b,)
@@ -72,7 +73,7 @@ def decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_token
         on_step(b)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], dim=1)  # (b, P+t+1)
+        mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)  # (b, P+t+1)
         positions = positions[:, -1:] + 1  # (b, 1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **kv)
@@ -102,13 +103,13 @@ def generate(
     model = actors.model.get_base_model()  # with the policy merged in and adapters disabled: the policy
     local: dict[int, list[int]] = {}
     for c, rows in mine:
-        ids, attn = left_pad([prompts[i] for i in rows], pad)
-        generator = torch.Generator().manual_seed(derive_seed(seed, "chunk", c))
+        ids, attn = left_pad([prompts[i] for i in rows], pad, actors.device.where)
+        generator = actors.device.generator(derive_seed(seed, "chunk", c))  # noise drawn on the device
         with torch.no_grad(), merged_policy(actors), actors.compute():
             cache = preallocated_cache(model.config, ids.shape[1] + max_new_tokens)
             out = decode(model, ids, attn, max_new_tokens, actors.stop_ids, pad, cache,
                          lambda logits: pick_tokens(logits, temperature, top_p, greedy, generator), ticks.update)
-        for i, row in zip(rows, out.tolist()):
+        for i, row in zip(rows, out.tolist()):  # the artifact boundary
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             local[i] = row[:cut]
     ticks.close()

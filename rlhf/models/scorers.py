@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from rlhf.runtime.device import Device
 from rlhf.runtime.distributed import Dist
 from rlhf.models.sources import _from_pretrained, is_causal, load_tokenizer
 from rlhf.config.params import RewardModel
@@ -42,35 +43,36 @@ def budget_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]
     return batches
 
 
-def _pad_right(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_right(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         mask[i, :len(r)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 class SimilarityScorer:
-    def __init__(self, model_dir: Path, cfg: RewardModel):
+    def __init__(self, model_dir: Path, cfg: RewardModel, device: Device):
         from transformers import AutoModel
 
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = _from_pretrained(AutoModel, model_dir, cfg.dtype, cfg.trust_remote_code, cfg.attention).eval()
-        self.cfg = cfg
+        self.model = _from_pretrained(AutoModel, model_dir, cfg.dtype, cfg.trust_remote_code,
+                                      device.attention(cfg.attention)).eval().to(device.where)
+        self.cfg, self.device = cfg, device
 
     def embed(self, texts: Sequence[str], dist: Dist = Dist()) -> torch.Tensor:
         """L2-normalised, attention-masked mean of the last hidden state (sentence-transformers' recipe)."""
         rows = [self.tokenizer(t, truncation=True, max_length=256)["input_ids"] for t in texts]
         local: dict[int, torch.Tensor] = {}
         for batch in dist.mine(budget_batches([len(r) for r in rows], self.cfg.token_budget)):
-            ids, mask = _pad_right([rows[i] for i in batch])
+            ids, mask = _pad_right([rows[i] for i in batch], self.device.where)
             with torch.no_grad():
                 h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (b, L, d)
             m = mask.unsqueeze(-1).float()  # (b, L, 1)
             pooled = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)  # (b, d)
-            local.update(zip(batch, pooled))
+            local.update(zip(batch, pooled.cpu()))  # merged across ranks as host tensors
         merged = dist.merge(local)
         return torch.stack([merged[i] for i in range(len(texts))])
 
@@ -93,13 +95,13 @@ def render_for_reward_model(tokenizer, query: str, response: str) -> str:
 
 
 class ClassifierScorer:
-    def __init__(self, model_dir: Path, cfg: RewardModel):
+    def __init__(self, model_dir: Path, cfg: RewardModel, device: Device):
         from transformers import AutoModelForSequenceClassification
 
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = _from_pretrained(AutoModelForSequenceClassification, model_dir, cfg.dtype,
-                                      cfg.trust_remote_code, cfg.attention, num_labels=1).eval()
-        self.cfg = cfg
+        self.model = _from_pretrained(AutoModelForSequenceClassification, model_dir, cfg.dtype, cfg.trust_remote_code,
+                                      device.attention(cfg.attention), num_labels=1).eval().to(device.where)
+        self.cfg, self.device = cfg, device
         self.causal = is_causal(self.model)
 
     def encode(self, query: str, response: str) -> list[int]:
@@ -113,17 +115,19 @@ class ClassifierScorer:
         local: dict[int, float] = {}
         backbone = getattr(self.model, self.model.base_model_prefix)
         for batch in dist.mine(budget_batches([len(r) for r in rows], self.cfg.token_budget)):
-            ids, mask = _pad_right([rows[i] for i in batch])
+            ids, mask = _pad_right([rows[i] for i in batch], self.device.where)
             with torch.no_grad():
                 # A causal RM never lets a trailing pad reach a real token: no mask, so attention runs unpadded.
                 h = backbone(input_ids=ids, attention_mask=None if self.causal else mask).last_hidden_state  # (b, L, d)
                 last = mask.sum(1) - 1  # (b,) right padding: last real token, whatever the pad id is
-                h_last = h[torch.arange(len(batch)), last]  # (b, d)
+                h_last = h[torch.arange(len(batch), device=h.device), last]  # (b, d)
                 logits = self.model.score(h_last)  # (b, num_labels)
             local.update(zip(batch, logits[:, 0].float().tolist()))
         merged = dist.merge(local)
         return np.array([merged[i] for i in range(len(rows))], dtype=np.float32)
 
 
-def load_scorer(model_dir: Path, cfg: RewardModel) -> Scorer:
-    return SimilarityScorer(model_dir, cfg) if cfg.kind == "similarity" else ClassifierScorer(model_dir, cfg)
+def load_scorer(model_dir: Path, cfg: RewardModel, device: Device) -> Scorer:
+    """The reward model alone on `device` (the reward stage holds nothing else)."""
+    cls = SimilarityScorer if cfg.kind == "similarity" else ClassifierScorer
+    return cls(model_dir, cfg, device)

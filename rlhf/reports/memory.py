@@ -23,6 +23,8 @@ class Counts:
     layers: int
     heads: int
     vocab: int
+    kv_heads: int
+    head_dim: int
 
 
 def count_policy(configs: Path, lora_r: int, lora_alpha: float, targets: tuple[str, ...]) -> Counts:
@@ -36,7 +38,7 @@ def count_policy(configs: Path, lora_r: int, lora_alpha: float, targets: tuple[s
     peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=list(targets)))
     lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return Counts(base, lora, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
-                  cfg.num_attention_heads, cfg.vocab_size)
+                  cfg.num_attention_heads, cfg.vocab_size, cfg.num_key_value_heads, cfg.head_dim)
 
 
 def count_reward(configs: Path) -> int:
@@ -79,6 +81,52 @@ def memory_table(params: Params, configs: Path, prompt_tokens: int = 512) -> lis
     return rows
 
 
+GPUS_GB = (24, 40, 80)  # the usual GPU sizes, in GB as sold (10^9 bytes)
+RESERVE = 1.15  # allocator fragmentation and the CUDA context, on top of what the tensors need
+
+
+def stage_peaks(params: Params, configs: Path, prompt_tokens: int = 512) -> list[tuple[str, float, str]]:
+    """Computed (not measured) peak GiB of each model stage, which holds only its own models (the stages run one at a
+    time and free what they hold before exit): weights + what its largest step keeps alive."""
+    c = count_policy(configs, params.lora.r, params.lora.alpha, params.lora.target_modules)
+    critic_lora = count_policy(configs, params.critic.lora_r, params.critic.lora_alpha, params.lora.target_modules).lora
+    reward = count_reward(configs)
+    rm = qwen3_config(Path(configs) / SKYWORK_CONFIG, num_labels=1, num_hidden_layers=36)
+    r = params.rollout
+    seq = prompt_tokens + r.max_new_tokens
+    bf16, fp32 = 2, 4
+    full = params.critic.mode == "full"
+    critic = (c.base + c.hidden + 1) if full else (critic_lora + c.hidden + 1)  # trainable critic weights, fp32
+    base = c.base * bf16
+    kv_cache = r.generation_chunk * seq * c.layers * 2 * c.kv_heads * c.head_dim * bf16
+    logits = r.micro_batch_size * r.max_new_tokens * c.vocab * fp32 * 2  # fp32 logits + one (b·R, V) temporary
+    rollout = base + c.lora * fp32 + max(kv_cache + r.generation_chunk * c.vocab * fp32 * 2, logits)
+    reference = base + (c.lora + critic) * fp32 + logits
+    # One layer's activations at a time (no grad): hidden states, the MLP's two intermediate tensors, fp32 logits.
+    reward_act = params.reward_model.token_budget * (4 * rm.hidden_size + 3 * rm.intermediate_size) * bf16
+    reward_stage = reward * bf16 + reward_act
+    # Trainable fp32 weights + grads + AdamW's two moments; the frozen base; one pass kept for backward.
+    update = base + (c.lora + critic) * fp32 * 4 + activation_bytes(c, r.micro_batch_size, seq, r.max_new_tokens)
+    return [
+        ("rollout", rollout / GiB, f"policy + KV cache of {r.generation_chunk} × {seq} tokens"),
+        ("reward", reward_stage / GiB, f"Skywork-Reward-V2-Qwen3-8B bf16 only, {params.reward_model.token_budget} "
+                                       "tokens per forward"),
+        ("reference", reference / GiB, "policy base (reference = adapter off) + critic, no grads"),
+        ("update", update / GiB, f"critic {params.critic.mode}: weights, grads, AdamW moments, one micro-batch's "
+                                 "activations"),
+        ("evaluate", max(rollout, reward_stage) / GiB, "policy, freed, then the reward model"),
+    ]
+
+
+def render_stages(params: Params, configs: Path) -> str:
+    lines = ["| stage | peak GiB (computed) | " + " | ".join(f"fits {g} GB" for g in GPUS_GB) + " | holds |",
+             "|---|---:|" + "---|" * len(GPUS_GB) + "---|"]
+    for name, gib, note in stage_peaks(params, configs):
+        fits = ["yes" if gib * GiB * RESERVE <= g * 1e9 else "no" for g in GPUS_GB]
+        lines.append(f"| {name} | {gib:.2f} | " + " | ".join(fits) + f" | {note} |")
+    return "\n".join(lines)
+
+
 def render(params: Params, configs: Path) -> str:
     c = count_policy(configs, params.lora.r, params.lora.alpha, params.lora.target_modules)
     lines = [f"Qwen3-0.6B with LoRA r={params.lora.r} on {','.join(params.lora.target_modules)}: "
@@ -87,4 +135,6 @@ def render(params: Params, configs: Path) -> str:
     rows = memory_table(params, configs)
     lines += [f"| {name} | {gib:.2f} | {note} |" for name, gib, note in rows]
     lines.append(f"| **total (one process)** | **{sum(r[1] for r in rows):.2f}** | |")
+    lines += ["", f"Per-stage peak (each stage holds only its own models; ×{RESERVE} for the allocator and CUDA "
+                  "context when checking the fit):", "", render_stages(params, configs)]
     return "\n".join(lines)

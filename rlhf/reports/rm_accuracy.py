@@ -22,6 +22,7 @@ from rlhf.artifacts.files import write_json
 from rlhf.runtime.log import log
 from rlhf.config.params import Params
 from rlhf.models.scorers import load_scorer
+from rlhf.runtime.device import resolve_device
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -88,7 +89,8 @@ def run(params: Params, comparisons: Path, out: Path, limit: int | None = None) 
         pairs = pairs.assign(reference=None)
     if limit:
         pairs = pairs.head(limit)
-    scorer = load_scorer(Path(params.paths.reward_model), params.reward_model)
+    device = resolve_device(params.runtime.device, params.reward_model.dtype)
+    scorer = load_scorer(Path(params.paths.reward_model), params.reward_model, device)
     queries, refs = list(pairs["prompt"]), list(pairs["reference"])
     chosen = scorer.score(queries, list(pairs["chosen"]), refs)
     rejected = scorer.score(queries, list(pairs["rejected"]), refs)

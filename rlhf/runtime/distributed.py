@@ -15,6 +15,8 @@ from typing import Iterable, TypeVar
 
 import torch
 
+from rlhf.runtime.device import Device
+
 T = TypeVar("T")
 
 
@@ -22,6 +24,7 @@ T = TypeVar("T")
 class Dist:
     rank: int = 0
     world: int = 1
+    where: torch.device | None = None  # the collectives' device (NCCL: this rank's GPU); None: torch's default
 
     @property
     def is_main(self) -> bool:
@@ -36,7 +39,8 @@ class Dist:
         return [u for i, u in enumerate(units) if i % self.world == self.rank]
 
     def merge(self, local: dict) -> dict:
-        """Union of every rank's {unit index: result} dicts, on every rank."""
+        """Union of every rank's {unit index: result} dicts, on every rank. Results are host values (lists, floats,
+        CPU tensors): they are pickled through the process group (NCCL stages them via the current GPU)."""
         if not self.active:
             return dict(local)
         parts: list = [None] * self.world
@@ -55,26 +59,30 @@ class Dist:
             torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
 
     def sum_stats(self, stats: dict, maxima: tuple[str, ...] = ()) -> dict:
-        if not self.active:
-            return stats
+        """Sums (or, for `maxima`, maxima) over ranks of {name: float or 0-d tensor on the device}, as host floats:
+        one stacked tensor on the collectives' device, one copy back."""
         keys = sorted(stats)
-        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float64, device=self.where).reshape(())
+                              for k in keys])  # (K,)
+        if not self.active:
+            return dict(zip(keys, values.tolist()))
         summed, biggest = values.clone(), values.clone()
         torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
         torch.distributed.all_reduce(biggest, op=torch.distributed.ReduceOp.MAX)
-        return {k: float(biggest[i] if k in maxima else summed[i]) for i, k in enumerate(keys)}
+        summed, biggest = summed.tolist(), biggest.tolist()
+        return {k: biggest[i] if k in maxima else summed[i] for i, k in enumerate(keys)}
 
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()
 
 
-def init_distributed() -> Dist:
-    """Join the process group torchrun set up (WORLD_SIZE > 1), or run alone."""
+def init_distributed(device: Device) -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1) with the device's backend (NCCL for CUDA, gloo
+    otherwise), or run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(where=device.where)
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        torch.distributed.init_process_group(backend=device.backend)
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), device.where)

@@ -1,0 +1,207 @@
+"""One mission-configuration PPO iteration on a GPU, through the real stage scripts: prints a table and writes
+metrics/gpu.json (per-stage wall time and peak GPU memory, generated tokens/s, the first-minibatch ratio, the GPU).
+
+    pip install --no-index --find-links bench/.wheels pydantic pyyaml   # once, on a machine without them
+    python bench/gpu_check.py                 # full size: Qwen3-0.6B + Skywork-Reward-V2-Qwen3-8B architectures
+    python bench/gpu_check.py --quick         # 8 prompts, 1 PPO epoch
+    python bench/gpu_check.py --nproc 2       # also the data-parallel stages on 2 torchrun ranks, compared
+    python bench/gpu_check.py --device cpu --tiny --quick   # the CPU rehearsal (tiny shapes)
+
+The models are random-weight copies of the mission architectures built from models/configs (no hub needed),
+initialised directly on the device. Mission configuration: 64 prompts × 53 new tokens, 4 PPO epochs × 2 minibatches,
+LoRA r=32 on the 7 projections, bf16 base, chat prompts, `attention: auto`. Each stage runs as its own process (as
+`dvc repro` runs them) in a temporary project; its peak memory is torch.cuda.max_memory_allocated in that process
+(so it starts from zero for every stage). `--trl` (TRL's PPOTrainer on the same work) is not implemented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["sample", "rollout", "reward", "reference", "advantages", "update"]
+PARALLEL = ["rollout", "reward", "reference", "update"]  # the stages dvc.yaml runs through runtime.launcher
+ARTIFACTS = {"rollout": "rollout.parquet", "reward": "scores.parquet", "reference": "reference.parquet"}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16}
+# Runs a stage script in this process and records its wall time and peak device memory when it exits (run_stage
+# ends with sys.exit, so the record is written in `finally`). One file per torchrun rank.
+PROBE = """import json, os, runpy, sys, time
+out, script = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+start = time.perf_counter()
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    import torch
+    on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+    record = {"s": time.perf_counter() - start, "peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else 0,
+              "gpu": torch.cuda.get_device_name() if on_gpu else None}
+    with open(out.format(rank=os.environ.get("RANK", "0")), "w") as f:
+        json.dump(record, f)
+"""
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "CI": "1", "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+
+
+def sh(cmd: list[str], cwd: Path) -> None:
+    out = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
+                         f"{out.stderr[-5000:]}")
+
+
+def mission_params(proj: Path, args) -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    sys.path.insert(0, str(ROOT))
+    from rlhf.config.presets import PRESETS
+
+    for section, values in PRESETS["mission"].items():
+        p[section].update(values)
+    p["policy_model"].update({"id": str(proj / "built/policy"), "revision": None})
+    p["reward_model"].update({"id": str(proj / "built/reward"), "revision": None})
+    p["data"].update({"source": "local", "split": "validation", "eval_size": 8})
+    prompts = 8 if args.quick else 64
+    p["rollout"].update({"batch_size": prompts, "max_new_tokens": 53, "micro_batch_size": 4,
+                         "generation_chunk": 32 if not args.quick else 4})
+    p["ppo"].update({"epochs": 1 if args.quick else 4, "num_minibatches": 2})
+    # One BLAS thread per process on a CPU rehearsal with ranks, so 1 and N processes run the same kernels.
+    threads = 1 if args.device == "cpu" and args.nproc > 1 else 0
+    p["runtime"].update({"device": args.device, "warm_start": False, "progress": "off", "threads": threads})
+    if args.tiny:
+        p["data"]["max_prompt_tokens"] = 200
+        p["data"]["overlong"] = "truncate"
+    return p
+
+
+def build_models(proj: Path, args) -> None:
+    """Random-weight mission architectures, initialised on the device, written where the base-model stages would."""
+    import torch
+
+    from rlhf.models.architectures import build_policy, build_reward
+
+    sizes = TINY if args.tiny else {}
+    configs = ROOT / "models" / "configs"
+    with torch.device(args.device):
+        build_policy(configs, proj / "built/policy", torch_dtype="bfloat16", **sizes)
+        build_reward(configs, proj / "built/reward", torch_dtype="bfloat16", **sizes)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def setup(proj: Path, args) -> None:
+    (proj / "data").mkdir(parents=True)
+    shutil.copytree(ROOT / "data" / "tldr", proj / "data" / "tldr")
+    build_models(proj, args)
+    (proj / "params.yaml").write_text(yaml.safe_dump(mission_params(proj, args), sort_keys=False))
+    init = ("from rlhf.config.params import load_params; from rlhf.project import init; "
+            "init(load_params('params.yaml'), evaluate_baseline=False, track=False)")
+    for cmd in ([sys.executable, str(ROOT / "stages/base_model.py"), "policy"],
+                [sys.executable, str(ROOT / "stages/base_model.py"), "reward"],
+                [sys.executable, str(ROOT / "stages/prepare.py")], [sys.executable, "-c", init]):
+        sh(cmd, proj)
+    shutil.rmtree(proj / "built")  # the base-model stages copied the weights
+
+
+def run_stage(proj: Path, name: str, nproc: int) -> dict:
+    probe = proj / "probe.py"
+    probe.write_text(PROBE)
+    out = proj / f"probe-{name}-{{rank}}.json"
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", str(nproc)]
+    start = time.perf_counter()
+    sh([*launch, str(probe), str(out), str(ROOT / "stages" / f"{name}.py")], proj)
+    wall = time.perf_counter() - start
+    ranks = [json.loads(Path(str(out).format(rank=r)).read_text()) for r in range(nproc)]
+    return {"wall_s": wall, "peak_gib": max(r["peak_bytes"] for r in ranks) / 1024**3, "gpu": ranks[0]["gpu"]}
+
+
+def iteration(proj: Path, nproc: int) -> dict:
+    shutil.rmtree(proj / "data" / "iteration", ignore_errors=True)
+    shutil.rmtree(proj / "models" / "next", ignore_errors=True)
+    return {name: run_stage(proj, name, nproc if name in PARALLEL else 1) for name in STAGES}
+
+
+def compare_ranks(proj: Path, args) -> dict:
+    """The same iteration with the data-parallel stages on `nproc` ranks: artifacts byte for byte, update numbers."""
+    single = {a: (proj / "data/iteration" / a).read_bytes() for a in ARTIFACTS.values()}
+    one = json.loads((proj / "metrics/update.json").read_text())
+    stages = iteration(proj, args.nproc)
+    two = json.loads((proj / "metrics/update.json").read_text())
+    same = {a: (proj / "data/iteration" / a).read_bytes() == single[a] for a in ARTIFACTS.values()}
+    rel = {k: abs(two[k] - one[k]) / max(abs(one[k]), 1e-12) for k in ("loss/policy", "loss/value", "grad_norm/policy")}
+    return {"nproc": args.nproc, "identical_artifacts": same, "update_rel_diff": rel,
+            "stages": {k: v["wall_s"] for k, v in stages.items()}}
+
+
+def table(result: dict) -> str:
+    lines = [f"GPU check on {result['gpu'] or result['device']} ({result['config']})", "",
+             "| stage | wall s | peak GiB |", "|---|---:|---:|"]
+    lines += [f"| {name} | {s['wall_s']:.1f} | {s['peak_gib']:.2f} |" for name, s in result["stages"].items()]
+    lines += [f"| **iteration** | **{result['iteration_s']:.1f}** | **{result['peak_gib']:.2f}** |", "",
+              f"generated tokens/s: {result['generated_tokens_per_s']:.1f}; first-minibatch |ratio−1|: "
+              f"{result['first_minibatch_ratio_max_abs_dev']:.1e}"]
+    if "ranks" in result:
+        r = result["ranks"]
+        lines.append(f"{r['nproc']} ranks vs 1: identical artifacts {r['identical_artifacts']}; update relative "
+                     f"differences {', '.join(f'{k} {v:.1e}' for k, v in r['update_rel_diff'].items())}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="tiny model shapes (the CPU rehearsal)")
+    ap.add_argument("--quick", action="store_true", help="8 prompts, 1 PPO epoch")
+    ap.add_argument("--nproc", type=int, default=1, help="also run the data-parallel stages on N torchrun ranks")
+    ap.add_argument("--trl", action="store_true", help="TRL's PPOTrainer on the same work (not implemented)")
+    ap.add_argument("--out", type=Path, default=ROOT / "metrics" / "gpu.json")
+    ap.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it")
+    args = ap.parse_args()
+    if args.trl:
+        raise SystemExit("--trl: not implemented (bench/compare_trl.py runs TRL on the CPU benchmark)")
+    proj = args.keep or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    try:
+        setup(proj, args)
+        stages = iteration(proj, 1)
+        rollout = json.loads((proj / "metrics/rollout.json").read_text())
+        update = json.loads((proj / "metrics/update.json").read_text())
+        result = {"device": args.device, "gpu": stages["rollout"]["gpu"],
+                  "config": f"{'tiny' if args.tiny else 'full-size'}, {'quick' if args.quick else 'mission'}: "
+                            f"{update['steps']} PPO steps, bf16",
+                  "stages": stages, "iteration_s": sum(s["wall_s"] for s in stages.values()),
+                  "peak_gib": max(s["peak_gib"] for s in stages.values()),
+                  "generated_tokens_per_s": rollout["generated_tokens_per_s"],
+                  "first_minibatch_ratio_max_abs_dev": update["first_minibatch/ratio_max_abs_dev"]}
+        if args.nproc > 1:
+            result["ranks"] = compare_ranks(proj, args)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(proj, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    failures = []
+    if result["first_minibatch_ratio_max_abs_dev"] != 0.0:
+        failures.append("first-minibatch ratio is not exactly 1")
+    if "ranks" in result and not all(result["ranks"]["identical_artifacts"].values()):
+        failures.append(f"{args.nproc}-rank artifacts differ from the 1-process run")
+    if failures:
+        raise SystemExit("FAILED: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The one device decision: where tensors live, which numeric context forward passes run in, which random generators,
+attention kernel and collective backend go with that. Every stage resolves a `Device` once from `runtime.device` and
+passes it on explicitly; nothing else in the package names a device or an autocast device type.
+
+`auto` takes CUDA when torch sees it (under torchrun each rank takes cuda:LOCAL_RANK), else the CPU. `meta` is for
+the test suite: tensors there have shapes and dtypes but no values, and PyTorch refuses to mix most of them with CPU
+tensors, so a tensor created on the wrong device in a model pass surfaces on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.config.params import ParamsError
+
+CPU, CUDA, META = "cpu", "cuda", "meta"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Placement and numerics of one stage's models. `autocast_dtype` is set for a bf16 base: trainable weights stay
+    fp32 (master weights) and every forward runs under autocast, so matmuls run in bf16."""
+
+    where: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def type(self) -> str:
+        return self.where.type
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.type == CUDA
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The numeric context of every forward pass. Meta has no autocast; its tensors carry no values anyway."""
+        if self.autocast_dtype is None or self.type == META:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.type, dtype=self.autocast_dtype)
+
+    def generator(self, seed: int) -> torch.Generator | None:
+        """A seeded generator on the device (None on meta, which has no generators: draws there are shapes only)."""
+        if self.type == META:
+            return None
+        return torch.Generator(device=self.where).manual_seed(seed)
+
+    def attention(self, setting: str) -> str:
+        """`auto`: our chunked causal kernel on the CPU (and on meta, to check its placement), fused SDPA on CUDA."""
+        if setting != "auto":
+            return setting
+        return "sdpa" if self.is_cuda else "chunked"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.is_cuda else "gloo"
+
+    @property
+    def fused_optimizer(self) -> bool:
+        return self.type in (CPU, CUDA)  # meta has no fused AdamW kernel
+
+    def free(self) -> None:
+        """Give back what a model stage held: the caller drops its references first."""
+        gc.collect()
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+
+    def reset_peak(self) -> None:
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.where)
+
+    def peak_bytes(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.where)) if self.is_cuda else 0
+
+
+def resolve_device(setting: str, dtype: str) -> Device:
+    """`runtime.device` (auto | cpu | cuda | meta) and a model dtype → the stage's Device; under torchrun with CUDA
+    this rank's GPU (LOCAL_RANK) becomes the current one, which NCCL needs."""
+    if setting == "auto":
+        setting = CUDA if torch.cuda.is_available() else CPU
+    if setting == CUDA and not torch.cuda.is_available():
+        raise ParamsError("runtime.device: cuda, but torch sees no CUDA device (use auto or cpu)")
+    if setting == CUDA:
+        where = torch.device(CUDA, int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(where)
+    else:
+        where = torch.device(setting)
+    return Device(where, torch.bfloat16 if dtype == "bfloat16" else None)
+
+
+def autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast disabled on t's device (a kernel that picks its own precision); meta has no autocast to disable."""
+    if t.device.type == META:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=t.device.type, enabled=False)
