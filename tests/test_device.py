@@ -138,7 +138,7 @@ def test_meta_guard_drives_packing_forward_loss_and_optimizer_step(tmp_path, mon
     named = trainable_parameters(actors)
     opts = [make_optimizer(n, 1e-3, params, actors.device) for n in named]
     n_tokens = float(sum(len(r) for r in [[5, 6, 7], [8, 9], [10], [12, 13, 14, 15]]))
-    sums = minibatch_losses(actors, groups, params, "meta guard", n_tokens, check=False)
+    sums = minibatch_losses(actors, groups, params, "meta guard", n_tokens, check=False, kl_coef=params.kl.coef)
     assert all(torch.as_tensor(v).device.type in ("meta", "cpu") for v in sums.values())
     assert sums["loss/policy"].device.type == "meta"
     for opt, n in zip(opts, named):
@@ -154,9 +154,9 @@ def test_meta_guard_catches_a_cpu_tensor_in_the_update(tmp_path, monkeypatch, ti
     actors, groups = meta_update_inputs(params, monkeypatch)
     loss = ppo.clipped_policy_loss
     monkeypatch.setattr(ppo_update.ppo, "clipped_policy_loss",
-                        lambda lp, old, adv, eps: loss(lp, old, torch.zeros(adv.shape), eps))
+                        lambda lp, old, adv, *rest: loss(lp, old, torch.zeros(adv.shape), *rest))
     with pytest.raises(RuntimeError, match="device"):
-        minibatch_losses(actors, groups, params, "meta guard", 10.0, check=False)
+        minibatch_losses(actors, groups, params, "meta guard", 10.0, check=False, kl_coef=params.kl.coef)
 
 
 def test_packed_tensors_are_created_on_the_device():

@@ -139,10 +139,10 @@ def test_one_ppo_step_follows_the_advantage_and_moves_values_toward_returns(proj
     sign = np.where(df["prompt_id"] % 2 == 0, 1.0, -1.0)  # A = +1 on every token of even rows, −1 on odd
     df["advantages"] = [[s] * n for s, n in zip(sign, df["response_length"])]
     df["returns"] = [[v + 0.5 for v in row] for row in df["values"]]  # every value 0.5 below its return
-    groups = ppo_update.build_groups(df)
+    groups = ppo_update.build_groups(df, actors.device.where)
     named = ppo_update.trainable_parameters(actors)
-    opts = (ppo_update.make_optimizer(named[0], params.optim.lr, params),
-            ppo_update.make_optimizer(named[1], params.optim.critic_lr, params))
+    opts = (ppo_update.make_optimizer(named[0], params.optim.lr, params, actors.device),
+            ppo_update.make_optimizer(named[1], params.optim.critic_lr, params, actors.device))
 
     history = ppo_update.ppo_epochs(actors, groups, params, opts, named, 0, Dist(), kl_coef=params.kl.coef)
     assert len(history) == 1 and history[0]["policy/ratio_max_abs_dev"] < 1e-5  # π = π_old at the step
@@ -178,9 +178,9 @@ def test_entropy_bonus_alone_raises_the_entropy(project_dir, tiny_policy, tiny_r
     df["advantages"] = [[0.0] * n for n in df["response_length"]]
     df["returns"] = df["values"]
     named = ppo_update.trainable_parameters(actors)
-    opts = (ppo_update.make_optimizer(named[0], params.optim.lr, params),
-            ppo_update.make_optimizer(named[1], params.optim.critic_lr, params))
-    ppo_update.ppo_epochs(actors, ppo_update.build_groups(df), params, opts, named, 0, Dist(),
+    opts = (ppo_update.make_optimizer(named[0], params.optim.lr, params, actors.device),
+            ppo_update.make_optimizer(named[1], params.optim.critic_lr, params, actors.device))
+    ppo_update.ppo_epochs(actors, ppo_update.build_groups(df, actors.device.where), params, opts, named, 0, Dist(),
                           kl_coef=params.kl.coef)
     _, entropy_after = score_responses(actors, df, params.rollout.temperature)
     assert sum(map(sum, entropy_after)) > sum(map(sum, entropy_before))
@@ -278,7 +278,7 @@ def trained_state(params, state_dir: Path) -> dict:
     named = ppo_update.trainable_parameters(actors)
     out = {}
     for label, group, lr in (("policy", named[0], params.optim.lr), ("critic", named[1], params.optim.critic_lr)):
-        opt = ppo_update.make_optimizer(group, lr, params)
+        opt = ppo_update.make_optimizer(group, lr, params, actors.device)
         load_optimizer(opt, group, state_dir / OPTIMIZER_DIR / f"{label}.safetensors")
         for name, p in group.items():
             moments = {k: torch.as_tensor(v).detach().clone().float() for k, v in opt.state.get(p, {}).items()}
