@@ -194,3 +194,17 @@ def test_train_refuses_up_front_when_its_last_iteration_is_past_the_schedule(tmp
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "optim.total_iterations" in lines[0] and "iteration 3" in lines[0], result.stderr
     assert set(project.rglob("*")) == before  # no dvc repro, no init
+
+
+def test_embedded_preset_is_the_shipped_params(tmp_path: Path):
+    """`rlhf preset embedded` goes back to exactly the shipped defaults (and mission → embedded round-trips)."""
+    import shutil
+
+    from rlhf.config.presets import apply
+
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    apply("mission", tmp_path / "params.yaml")
+    mission = load_params(tmp_path / "params.yaml")
+    assert mission.policy_model.id == "Qwen/Qwen3-0.6B" and mission.ppo.epochs == 4
+    apply("embedded", tmp_path / "params.yaml")
+    assert load_params(tmp_path / "params.yaml") == load_params(ROOT / "params.yaml")

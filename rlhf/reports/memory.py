@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config.params import Params
+from rlhf.models.actors import quiet_peft_wrap
 from rlhf.models.architectures import QWEN3, SKYWORK_CONFIG, qwen3_config
 
 GiB = 1024**3
@@ -35,7 +36,8 @@ def count_policy(configs: Path, lora_r: int, lora_alpha: float, targets: tuple[s
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     base = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
-    peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=list(targets)))
+    with quiet_peft_wrap():
+        peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=list(targets)))
     lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return Counts(base, lora, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
                   cfg.num_attention_heads, cfg.vocab_size, cfg.num_key_value_heads, cfg.head_dim)
