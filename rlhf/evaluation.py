@@ -12,11 +12,13 @@ import torch
 
 from rlhf.artifacts.files import atomic_write_text, read_state, write_json
 from rlhf.artifacts.schema import read_artifact
-from rlhf.config.params import Params
+from rlhf.config.params import Eval, Params
+from rlhf.errors import ArtifactError
 from rlhf.models.checkpoint import load_actors
 from rlhf.models.passes import exact_kl, length_sorted_groups, pack
 from rlhf.models.sampling import contains_stop, generate
 from rlhf.models.scorers import load_scorer
+from rlhf.reports import statistics as st
 from rlhf.reports.samples import post_text
 from rlhf.runtime.log import log
 from rlhf.runtime.seeding import derive_seed
@@ -62,8 +64,60 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
         "eval/length_mean": float(table["length"].mean()),
         "eval/eos_rate": float(table["eos"].mean()),
         "eval/num_prompts": len(table),
+        "eval/repeated_3gram_fraction": st.mean_repeated_ngram_fraction(list(table["summary"]), 3),
+        "eval/distinct_2": st.distinct_n(list(table["summary"]), 2),
     }
+    metrics.update(comparison_metrics(table, metrics["iteration"], Path(params.paths.metrics) / "samples", cfg,
+                                      derive_seed(params.seed, "eval", "bootstrap")))
     return metrics, table
+
+
+def read_rewards(path: Path) -> pd.Series | None:
+    """prompt_id → reward of an earlier iteration's held-out table (metrics/samples/iter-N.jsonl); None if absent."""
+    if not path.exists():
+        return None
+    try:
+        table = pd.read_json(path, lines=True)
+    except ValueError as err:
+        raise ArtifactError(f"{path}: not a JSON-lines sample table ({str(err).splitlines()[0]})") from None
+    missing = {"prompt_id", "reward"} - set(table.columns)
+    if missing:
+        raise ArtifactError(f"{path}: sample table lacks column(s) {sorted(missing)}")
+    if table["prompt_id"].duplicated().any():
+        raise ArtifactError(f"{path}: sample table has duplicate prompt_id rows")
+    return table.set_index("prompt_id")["reward"].astype(float)
+
+
+def paired(now: pd.Series, before: pd.Series | None, what: str) -> pd.Series | None:
+    """`before` aligned to `now`'s prompts, or None when there is nothing to pair with: a comparison over other or
+    fewer prompts would not be paired, so it is left out rather than reported on a different set."""
+    if before is None:
+        log(f"evaluate: no {what} held-out table: its comparisons are left out (null)")
+        return None
+    if set(before.index) != set(now.index):
+        log(f"evaluate: the {what} held-out table covers other prompts (eval set changed?): comparisons left out")
+        return None
+    return before.reindex(now.index)
+
+
+def comparison_metrics(table: pd.DataFrame, iteration: int, archive: Path, cfg: Eval, seed: int) -> dict:
+    """Reward change vs iteration 0 and vs the previous iteration, and the win rate vs iteration 0, each with its
+    paired bootstrap interval over the held-out prompts. Iteration 0 compares with itself (Δ 0, win rate 0.5)."""
+    now = table.set_index("prompt_id")["reward"].astype(float)
+    initial = now if iteration == 0 else paired(now, read_rewards(archive / "iter-0.jsonl"), "iteration-0")
+    previous = None if iteration == 0 else paired(now, read_rewards(archive / f"iter-{iteration - 1}.jsonl"),
+                                                  "previous iteration's")
+    interval = lambda x: st.bootstrap_mean(x, cfg.bootstrap_resamples, seed, cfg.interval_level)  # noqa: E731
+    stats = {
+        "reward_delta_vs_initial": None if initial is None else interval(now.to_numpy() - initial.to_numpy()),
+        "reward_delta_vs_previous": None if previous is None else interval(now.to_numpy() - previous.to_numpy()),
+        "win_rate_vs_initial": None if initial is None else interval(st.wins(now.to_numpy(), initial.to_numpy())),
+    }
+    out = {}
+    for name, value in stats.items():
+        point, low, high = value if value is not None else (None, None, None)
+        out.update({f"eval/{name}": point, f"eval/{name}_ci_low": low, f"eval/{name}_ci_high": high})
+    return out
 
 
 def sample_markdown(table: pd.DataFrame, metrics: dict, rows: int) -> str:

@@ -159,6 +159,8 @@ class Eval(_Section):
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
     table_rows: int = Field(ge=0)
+    bootstrap_resamples: int = Field(ge=100)  # fewer makes the interval's own Monte-Carlo noise visible
+    interval_level: float = Field(gt=0, lt=1)
 
 
 class Train(_Section):
