@@ -1,6 +1,7 @@
 """Held-out evaluation of a policy state: reward, exact KL to the reference, length, EOS rate and a sample table on
-the fixed eval prompts. Greedy decoding by default (`eval.greedy`), so iteration-to-iteration differences come from
-the policy, not from sampling noise; with sampling, the seed is the same every iteration."""
+the fixed eval prompts, and comparisons with iteration 0 and the previous iteration on the same prompts (paired bootstrap
+intervals, rlhf/reports/statistics.py). Greedy (`eval.greedy`) or `eval.samples_per_prompt` samples per prompt at
+`eval.temperature`, seeded the same every iteration; per-prompt values are the means over a prompt's samples."""
 
 from __future__ import annotations
 
@@ -40,9 +41,11 @@ def kl_to_reference(actors, prompts: list, responses: list, temperature: float, 
 
 def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame]:
     prompts = read_artifact(Path(params.paths.prepared) / "eval.parquet", "prompts")
-    actors = load_actors(params, state_dir, trainable=False, with_critic=False)
     cfg = params.eval
-    ids = list(prompts["prompt_ids"])
+    per_prompt = 1 if cfg.greedy else cfg.samples_per_prompt
+    rows = [i for i in range(len(prompts)) for _ in range(per_prompt)]  # a prompt's samples side by side
+    ids = [prompts["prompt_ids"].iloc[i] for i in rows]
+    actors = load_actors(params, state_dir, trainable=False, with_critic=False)
     responses = generate(actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                          seed=derive_seed(params.seed, "eval"), chunk_size=params.rollout.generation_chunk,
                          progress=params.runtime.progress, greedy=cfg.greedy)
@@ -51,11 +54,11 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     eos = [contains_stop(r, actors.stop_ids) for r in responses]
     del actors
     scorer = load_scorer(Path(params.paths.reward_model), params.reward_model)
-    rewards = scorer.score(list(prompts["query"]), texts, list(prompts["reference"]))
-    table = pd.DataFrame({"prompt_id": prompts["prompt_id"], "query": prompts["query"], "summary": texts,
-                          "reward": rewards, "kl": kls, "length": [len(r) for r in responses],
-                          "eos": eos,
-                          "reference": prompts["reference"]})
+    rewards = scorer.score([prompts["query"].iloc[i] for i in rows], texts,
+                           [prompts["reference"].iloc[i] for i in rows])
+    samples = pd.DataFrame({"row": rows, "summary": texts, "reward": rewards, "kl": kls,
+                            "length": [len(r) for r in responses], "eos": eos})
+    table = per_prompt_table(prompts, samples)
     metrics = {
         "iteration": read_state(state_dir)["iteration"],
         "eval/reward_mean": float(table["reward"].mean()),
@@ -64,12 +67,26 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
         "eval/length_mean": float(table["length"].mean()),
         "eval/eos_rate": float(table["eos"].mean()),
         "eval/num_prompts": len(table),
-        "eval/repeated_3gram_fraction": st.mean_repeated_ngram_fraction(list(table["summary"]), 3),
-        "eval/distinct_2": st.distinct_n(list(table["summary"]), 2),
+        "eval/samples_per_prompt": per_prompt,
+        "eval/repeated_3gram_fraction": st.mean_repeated_ngram_fraction(texts, 3),
+        "eval/distinct_2": st.distinct_n(texts, 2),
     }
     metrics.update(comparison_metrics(table, metrics["iteration"], Path(params.paths.metrics) / "samples", cfg,
                                       derive_seed(params.seed, "eval", "bootstrap")))
     return metrics, table
+
+
+def per_prompt_table(prompts: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per held-out prompt, so every later comparison pairs prompts: its first summary (all of them in
+    `summaries`), and the mean reward, KL and length and the EOS fraction over its samples."""
+    by_prompt = samples.groupby("row", sort=True)
+    return pd.DataFrame({
+        "prompt_id": prompts["prompt_id"].to_numpy(), "query": prompts["query"].to_numpy(),
+        "summary": by_prompt["summary"].first().to_numpy(),
+        "reward": by_prompt["reward"].mean().to_numpy(), "kl": by_prompt["kl"].mean().to_numpy(),
+        "length": by_prompt["length"].mean().to_numpy(), "eos": by_prompt["eos"].mean().to_numpy(),
+        "reference": prompts["reference"].to_numpy(), "summaries": by_prompt["summary"].agg(list).to_numpy(),
+    })
 
 
 def read_rewards(path: Path) -> pd.Series | None:
@@ -120,10 +137,24 @@ def comparison_metrics(table: pd.DataFrame, iteration: int, archive: Path, cfg: 
     return out
 
 
+def comparison_line(metrics: dict) -> str:
+    """The comparisons in one line, each with its interval; those left out (null) are skipped."""
+    def show(key: str, label: str, fmt: str) -> list[str]:
+        point, low, high = (metrics.get(key + end) for end in ("", "_ci_low", "_ci_high"))
+        return [] if point is None else [f"{label} {point:{fmt}} [{low:{fmt}}, {high:{fmt}}]"]
+
+    parts = (show("eval/win_rate_vs_initial", "win rate vs iteration 0", ".2f")
+             + show("eval/reward_delta_vs_initial", "Δ reward vs iteration 0", "+.4f")
+             + show("eval/reward_delta_vs_previous", "vs previous", "+.4f"))
+    parts.append(f"repeated 3-grams {metrics['eval/repeated_3gram_fraction']:.3f}")
+    return " · ".join(parts)
+
+
 def sample_markdown(table: pd.DataFrame, metrics: dict, rows: int) -> str:
     head = (f"# Held-out samples, iteration {metrics['iteration']}\n\n"
             f"mean reward {metrics['eval/reward_mean']:.4f} · KL {metrics['eval/kl_mean']:.3f} · "
             f"length {metrics['eval/length_mean']:.1f} · EOS rate {metrics['eval/eos_rate']:.2f}\n\n"
+            f"{comparison_line(metrics)} (paired bootstrap intervals over the prompts)\n\n"
             "| prompt | summary | reward | reference |\n|---|---|---|---|\n")
     cell = lambda s, n: html.escape(" ".join(str(s).split()))[:n].replace("|", "\\|")  # noqa: E731
     lines = [f"| {cell(post_text(r.query), 300)} | {cell(r.summary, 300)} | {r.reward:.3f} | {cell(r.reference, 300)} |"
@@ -140,5 +171,6 @@ def evaluate(params: Params, state_dir: Path | None = None, out_json: Path | Non
     atomic_write_text(out_table or metrics_dir / "samples.md", sample_markdown(table, metrics, params.eval.table_rows))
     table.to_json(Path(out_table or metrics_dir / "samples.md").with_suffix(".jsonl"), orient="records", lines=True)
     log(f"evaluate: iteration {metrics['iteration']}: reward {metrics['eval/reward_mean']:.4f}, "
-        f"KL {metrics['eval/kl_mean']:.3f}, length {metrics['eval/length_mean']:.1f}, EOS {metrics['eval/eos_rate']:.2f}")
+        f"KL {metrics['eval/kl_mean']:.3f}, length {metrics['eval/length_mean']:.1f}, EOS {metrics['eval/eos_rate']:.2f}; "
+        + comparison_line(metrics))
     return metrics

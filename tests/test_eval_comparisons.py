@@ -113,3 +113,29 @@ def test_a_broken_archived_table_is_an_artifact_error(tmp_path, content, message
     (tmp_path / "iter-0.jsonl").write_text(content)
     with pytest.raises(ArtifactError, match=message):
         comparison_metrics(_table({"a": 0.1}), 1, tmp_path, parse_params(full_params()).eval, seed=0)
+
+
+def test_several_samples_per_prompt_average_into_one_row_per_prompt():
+    from rlhf.evaluation import per_prompt_table
+
+    prompts = pd.DataFrame({"prompt_id": ["p", "q"], "query": ["Q1", "Q2"], "reference": ["R1", "R2"]})
+    samples = pd.DataFrame({"row": [0, 0, 1, 1], "summary": ["a", "b", "c", "d"], "reward": [0.1, 0.3, 0.5, 0.9],
+                            "kl": [1.0, 2.0, 0.0, 4.0], "length": [3, 5, 7, 7], "eos": [True, False, True, True]})
+    table = per_prompt_table(prompts, samples)
+    assert table["prompt_id"].tolist() == ["p", "q"] and table["summary"].tolist() == ["a", "c"]
+    assert table["reward"].tolist() == pytest.approx([0.2, 0.7])
+    assert table["kl"].tolist() == [1.5, 2.0] and table["length"].tolist() == [4.0, 7.0]
+    assert table["eos"].tolist() == [0.5, 1.0] and table["summaries"].tolist() == [["a", "b"], ["c", "d"]]
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"greedy": True, "samples_per_prompt": 4}, "eval.samples_per_prompt: greedy decoding gives one summary"),
+    ({"greedy": False, "samples_per_prompt": 0}, "eval.samples_per_prompt"),
+    ({"bootstrap_resamples": 10}, "eval.bootstrap_resamples"),
+    ({"interval_level": 1.0}, "eval.interval_level"),
+])
+def test_bad_eval_params_are_rejected(section, message):
+    from rlhf.config.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=message):
+        parse_params(full_params(eval=section))
