@@ -1,6 +1,7 @@
 """Held-out evaluation of a policy state: reward, exact KL to the reference, length, EOS rate and a sample table on
-the fixed eval prompts. Greedy decoding by default (`eval.greedy`), so iteration-to-iteration differences come from
-the policy, not from sampling noise; with sampling, the seed is the same every iteration."""
+the fixed eval prompts, and comparisons with iteration 0 and the previous iteration on the same prompts (paired bootstrap
+intervals, rlhf/reports/statistics.py). Greedy (`eval.greedy`) or `eval.samples_per_prompt` samples per prompt at
+`eval.temperature`, seeded the same every iteration; per-prompt values are the means over a prompt's samples."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch
 
 from rlhf.artifacts.files import atomic_write_text, read_state, write_json
 from rlhf.artifacts.schema import read_artifact
-from rlhf.config.params import Params
+from rlhf.config.params import Eval, Params
+from rlhf.errors import ArtifactError
 from rlhf.models.checkpoint import load_actors
 from rlhf.models.passes import exact_kl, length_sorted_groups, pack
 from rlhf.models.sampling import contains_stop, generate
 from rlhf.models.scorers import load_scorer
+from rlhf.reports import statistics as st
 from rlhf.reports.samples import post_text
 from rlhf.runtime.device import resolve_device
 from rlhf.runtime.log import log
@@ -39,9 +42,11 @@ def kl_to_reference(actors, prompts: list, responses: list, temperature: float, 
 
 def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame]:
     prompts = read_artifact(Path(params.paths.prepared) / "eval.parquet", "prompts")
-    actors = load_actors(params, state_dir, trainable=False, with_critic=False)
     cfg = params.eval
-    ids = list(prompts["prompt_ids"])
+    per_prompt = 1 if cfg.greedy else cfg.samples_per_prompt
+    rows = [i for i in range(len(prompts)) for _ in range(per_prompt)]  # a prompt's samples side by side
+    ids = [prompts["prompt_ids"].iloc[i] for i in rows]
+    actors = load_actors(params, state_dir, trainable=False, with_critic=False)
     responses = generate(actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                          seed=derive_seed(params.seed, "eval"), chunk_size=params.rollout.generation_chunk,
                          progress=params.runtime.progress, greedy=cfg.greedy)
@@ -53,11 +58,11 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     device.free()
     scorer = load_scorer(Path(params.paths.reward_model), params.reward_model,
                          resolve_device(params.runtime.device, params.reward_model.dtype))
-    rewards = scorer.score(list(prompts["query"]), texts, list(prompts["reference"]))
-    table = pd.DataFrame({"prompt_id": prompts["prompt_id"], "query": prompts["query"], "summary": texts,
-                          "reward": rewards, "kl": kls, "length": [len(r) for r in responses],
-                          "eos": eos,
-                          "reference": prompts["reference"]})
+    rewards = scorer.score([prompts["query"].iloc[i] for i in rows], texts,
+                           [prompts["reference"].iloc[i] for i in rows])
+    samples = pd.DataFrame({"row": rows, "summary": texts, "reward": rewards, "kl": kls,
+                            "length": [len(r) for r in responses], "eos": eos})
+    table = per_prompt_table(prompts, samples)
     metrics = {
         "iteration": read_state(state_dir)["iteration"],
         "eval/reward_mean": float(table["reward"].mean()),
@@ -66,14 +71,94 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
         "eval/length_mean": float(table["length"].mean()),
         "eval/eos_rate": float(table["eos"].mean()),
         "eval/num_prompts": len(table),
+        "eval/samples_per_prompt": per_prompt,
+        "eval/repeated_3gram_fraction": st.mean_repeated_ngram_fraction(texts, 3),
+        "eval/distinct_2": st.distinct_n(texts, 2),
     }
+    metrics.update(comparison_metrics(table, metrics["iteration"], Path(params.paths.metrics) / "samples", cfg,
+                                      derive_seed(params.seed, "eval", "bootstrap")))
     return metrics, table
+
+
+def per_prompt_table(prompts: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per held-out prompt, so every later comparison pairs prompts: its first summary (all of them in
+    `summaries`), and the mean reward, KL and length and the EOS fraction over its samples."""
+    by_prompt = samples.groupby("row", sort=True)
+    return pd.DataFrame({
+        "prompt_id": prompts["prompt_id"].to_numpy(), "query": prompts["query"].to_numpy(),
+        "summary": by_prompt["summary"].first().to_numpy(),
+        "reward": by_prompt["reward"].mean().to_numpy(), "kl": by_prompt["kl"].mean().to_numpy(),
+        "length": by_prompt["length"].mean().to_numpy(), "eos": by_prompt["eos"].mean().to_numpy(),
+        "reference": prompts["reference"].to_numpy(), "summaries": by_prompt["summary"].agg(list).to_numpy(),
+    })
+
+
+def read_rewards(path: Path) -> pd.Series | None:
+    """prompt_id → reward of an earlier iteration's held-out table (metrics/samples/iter-N.jsonl); None if absent."""
+    if not path.exists():
+        return None
+    try:
+        table = pd.read_json(path, lines=True)
+    except ValueError as err:
+        raise ArtifactError(f"{path}: not a JSON-lines sample table ({str(err).splitlines()[0]})") from None
+    missing = {"prompt_id", "reward"} - set(table.columns)
+    if missing:
+        raise ArtifactError(f"{path}: sample table lacks column(s) {sorted(missing)}")
+    if table["prompt_id"].duplicated().any():
+        raise ArtifactError(f"{path}: sample table has duplicate prompt_id rows")
+    return table.set_index("prompt_id")["reward"].astype(float)
+
+
+def paired(now: pd.Series, before: pd.Series | None, what: str) -> pd.Series | None:
+    """`before` aligned to `now`'s prompts, or None when there is nothing to pair with: a comparison over other or
+    fewer prompts would not be paired, so it is left out rather than reported on a different set."""
+    if before is None:
+        log(f"evaluate: no {what} held-out table: its comparisons are left out (null)")
+        return None
+    if set(before.index) != set(now.index):
+        log(f"evaluate: the {what} held-out table covers other prompts (eval set changed?): comparisons left out")
+        return None
+    return before.reindex(now.index)
+
+
+def comparison_metrics(table: pd.DataFrame, iteration: int, archive: Path, cfg: Eval, seed: int) -> dict:
+    """Reward change vs iteration 0 and vs the previous iteration, and the win rate vs iteration 0, each with its
+    paired bootstrap interval over the held-out prompts. Iteration 0 compares with itself (Δ 0, win rate 0.5)."""
+    now = table.set_index("prompt_id")["reward"].astype(float)
+    initial = now if iteration == 0 else paired(now, read_rewards(archive / "iter-0.jsonl"), "iteration-0")
+    previous = None if iteration == 0 else paired(now, read_rewards(archive / f"iter-{iteration - 1}.jsonl"),
+                                                  "previous iteration's")
+    interval = lambda x: st.bootstrap_mean(x, cfg.bootstrap_resamples, seed, cfg.interval_level)  # noqa: E731
+    stats = {
+        "reward_delta_vs_initial": None if initial is None else interval(now.to_numpy() - initial.to_numpy()),
+        "reward_delta_vs_previous": None if previous is None else interval(now.to_numpy() - previous.to_numpy()),
+        "win_rate_vs_initial": None if initial is None else interval(st.wins(now.to_numpy(), initial.to_numpy())),
+    }
+    out = {}
+    for name, value in stats.items():
+        point, low, high = value if value is not None else (None, None, None)
+        out.update({f"eval/{name}": point, f"eval/{name}_ci_low": low, f"eval/{name}_ci_high": high})
+    return out
+
+
+def comparison_line(metrics: dict) -> str:
+    """The comparisons in one line, each with its interval; those left out (null) are skipped."""
+    def show(key: str, label: str, fmt: str) -> list[str]:
+        point, low, high = (metrics.get(key + end) for end in ("", "_ci_low", "_ci_high"))
+        return [] if point is None else [f"{label} {point:{fmt}} [{low:{fmt}}, {high:{fmt}}]"]
+
+    parts = (show("eval/win_rate_vs_initial", "win rate vs iteration 0", ".2f")
+             + show("eval/reward_delta_vs_initial", "Δ reward vs iteration 0", "+.4f")
+             + show("eval/reward_delta_vs_previous", "vs previous", "+.4f"))
+    parts.append(f"repeated 3-grams {metrics['eval/repeated_3gram_fraction']:.3f}")
+    return " · ".join(parts)
 
 
 def sample_markdown(table: pd.DataFrame, metrics: dict, rows: int) -> str:
     head = (f"# Held-out samples, iteration {metrics['iteration']}\n\n"
             f"mean reward {metrics['eval/reward_mean']:.4f} · KL {metrics['eval/kl_mean']:.3f} · "
             f"length {metrics['eval/length_mean']:.1f} · EOS rate {metrics['eval/eos_rate']:.2f}\n\n"
+            f"{comparison_line(metrics)} (paired bootstrap intervals over the prompts)\n\n"
             "| prompt | summary | reward | reference |\n|---|---|---|---|\n")
     cell = lambda s, n: html.escape(" ".join(str(s).split()))[:n].replace("|", "\\|")  # noqa: E731
     lines = [f"| {cell(post_text(r.query), 300)} | {cell(r.summary, 300)} | {r.reward:.3f} | {cell(r.reference, 300)} |"
@@ -90,5 +175,6 @@ def evaluate(params: Params, state_dir: Path | None = None, out_json: Path | Non
     atomic_write_text(out_table or metrics_dir / "samples.md", sample_markdown(table, metrics, params.eval.table_rows))
     table.to_json(Path(out_table or metrics_dir / "samples.md").with_suffix(".jsonl"), orient="records", lines=True)
     log(f"evaluate: iteration {metrics['iteration']}: reward {metrics['eval/reward_mean']:.4f}, "
-        f"KL {metrics['eval/kl_mean']:.3f}, length {metrics['eval/length_mean']:.1f}, EOS {metrics['eval/eos_rate']:.2f}")
+        f"KL {metrics['eval/kl_mean']:.3f}, length {metrics['eval/length_mean']:.1f}, EOS {metrics['eval/eos_rate']:.2f}; "
+        + comparison_line(metrics))
     return metrics

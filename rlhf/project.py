@@ -24,7 +24,12 @@ from rlhf.errors import StateError
 from rlhf.reports import samples as samples_report
 from rlhf.runtime.log import log
 
-EVAL_COLUMNS = ["iteration", "eval/reward_mean", "eval/reward_std", "eval/kl_mean", "eval/length_mean", "eval/eos_rate"]
+EVAL_COLUMNS = [
+    "iteration", "eval/reward_mean", "eval/reward_std", "eval/kl_mean", "eval/length_mean", "eval/eos_rate",
+    "eval/repeated_3gram_fraction", "eval/distinct_2",
+    *(f"eval/{name}{end}" for name in ("reward_delta_vs_initial", "reward_delta_vs_previous", "win_rate_vs_initial")
+      for end in ("", "_ci_low", "_ci_high")),
+]
 # Iteration k's training row describes the update that produced it (rollout of k − 1), so it starts at 1.
 TRAIN_COLUMNS = [
     "iteration", "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
@@ -93,10 +98,11 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed, "kl_coef": params.kl.coef})
     replace_dir(tmp, current)
     log(f"init: iteration 0 written to {current}")
+    metrics_dir = Path(params.paths.metrics)
+    (metrics_dir / "samples").mkdir(parents=True, exist_ok=True)  # a dep of the evaluate stage, even if left empty
     if evaluate_baseline:
         from rlhf.evaluation import evaluate
 
-        metrics_dir = Path(params.paths.metrics)
         metrics = evaluate(params, current, metrics_dir / "eval_initial.json", metrics_dir / "samples_initial.md")
         append_history(params, metrics)
         samples_report.archive(metrics_dir / "samples_initial.jsonl", metrics_dir, 0)
@@ -226,11 +232,26 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
 def print_summary(params: Params) -> None:
     path = history_path(params)
     rows = list(csv.DictReader(path.open())) if path.exists() else []
-    print("\niteration  eval reward   eval KL   length   EOS rate")
+    print(f"\n{'iteration':>9}  {'reward':>7}  {'Δ reward vs it. 0 [interval]':>28}  {'win rate vs it. 0 [interval]':>28}  "
+          f"{'KL':>6}  {'length':>6}  {'EOS':>4}  {'rep. 3-grams':>12}")
     for r in rows:
-        print(f"{r['iteration']:>9}  {float(r['eval/reward_mean']):>11.4f}  {float(r['eval/kl_mean']):>8.3f}  "
-              f"{float(r['eval/length_mean']):>7.1f}  {float(r['eval/eos_rate']):>9.2f}")
+        print(f"{r['iteration']:>9}  {_cell(r, 'eval/reward_mean', '.4f'):>7}  "
+              f"{_with_interval(r, 'eval/reward_delta_vs_initial', '+.4f'):>28}  "
+              f"{_with_interval(r, 'eval/win_rate_vs_initial', '.2f'):>28}  {_cell(r, 'eval/kl_mean', '.3f'):>6}  "
+              f"{_cell(r, 'eval/length_mean', '.1f'):>6}  {_cell(r, 'eval/eos_rate', '.2f'):>4}  "
+              f"{_cell(r, 'eval/repeated_3gram_fraction', '.3f'):>12}")
     m = Path(params.paths.metrics)
     print(f"\nmetrics: {m / 'eval.json'}, {m / 'update.json'}, {m / 'objective.json'}, history {path}")
     print(f"sample table: {m / 'report.html'} / {m / 'report.md'} (vs. previous iteration), {m / 'samples.md'}")
     print("compare: dvc metrics diff · dvc plots show · dvc exp show")
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    """A history.csv value formatted, or "–" where it is empty (an older history, or a comparison left out)."""
+    value = row.get(key) or ""
+    return format(float(value), fmt) if value else "–"
+
+
+def _with_interval(row: dict, key: str, fmt: str) -> str:
+    point, low, high = (_cell(row, key + end, fmt) for end in ("", "_ci_low", "_ci_high"))
+    return point if point == "–" else f"{point} [{low}, {high}]"

@@ -163,10 +163,20 @@ class Optim(_Section):
 
 class Eval(_Section):
     greedy: bool
+    samples_per_prompt: int = Field(ge=1)  # when not greedy; their mean reward is the prompt's
     max_new_tokens: int = Field(ge=1)
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
     table_rows: int = Field(ge=0)
+    bootstrap_resamples: int = Field(ge=100)  # fewer makes the interval's own Monte-Carlo noise visible
+    interval_level: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_greedy_summary(self) -> "Eval":
+        if self.greedy and self.samples_per_prompt != 1:
+            raise ValueError("eval.samples_per_prompt: greedy decoding gives one summary per prompt; set it to 1 or "
+                             f"eval.greedy: false (got {self.samples_per_prompt})")
+        return self
 
 
 class Train(_Section):
