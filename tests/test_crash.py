@@ -54,7 +54,7 @@ def kill_after(cmd, cwd, delay, children_only=False) -> bool:
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     hit = False
-    if children_only:  # wait for the stage's own `rlhf` process, then time the kill from its start
+    if children_only:  # wait for the stage script's own process, then time the kill from its start
         deadline = time.time() + 60
         while proc.poll() is None and time.time() < deadline and not stage_processes(proc.pid):
             time.sleep(0.02)
@@ -76,7 +76,7 @@ def stage_processes(pid: int) -> list:
     found = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            if any("rlhf" in part for part in child.cmdline()):
+            if any(part.startswith("stages/") and part.endswith(".py") for part in child.cmdline()):  # a stage script
                 found.append(child)
         except psutil.NoSuchProcess:
             pass
