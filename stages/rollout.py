@@ -63,6 +63,7 @@ def main(params) -> None:
         "generated_tokens_per_s": round(new_tokens / max(gen_seconds, 1e-9), 2),
         "response_length_mean": float(df["response_length"].mean()),
         "eos_rate": float(df["contains_eos"].mean()),
+        "compute_dtype": device.dtype,  # policy_model.dtype with `auto` resolved on this machine
     }
     write_json(Path(params.paths.metrics) / "rollout.json", metrics)
     log(f"rollout: {len(df)} responses, {new_tokens} tokens in {gen_seconds:.1f}s "

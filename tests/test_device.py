@@ -264,3 +264,17 @@ def test_per_stage_peaks_for_the_mission_configuration():
     assert full["update"] - peaks["update"] > 0.5e9 * 16 / GiB  # ≥ 0.5 B params × (weights, grads, 2 moments) fp32
     table = render_stages(mission, configs)
     assert table.count("\n") == 6 and "| reward | " in table and "fits 24 GB" in table
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    """An AVX2-only CPU has no oneDNN bf16 kernels (bf16 matmul ~100× slower than fp32 there): auto → fp32."""
+    from rlhf.runtime.device import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) == "float32" and resolve_dtype("bfloat16", cpu) == "bfloat16"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert resolve_dtype("auto", cpu) == expected
+        device = resolve_device("cpu", "auto")
+        assert device.dtype == expected and (device.autocast_dtype is not None) == (expected == "bfloat16")
+    assert resolve_dtype("auto", torch.device("meta")) == "float32"

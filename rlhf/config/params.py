@@ -53,7 +53,7 @@ class Paths(_Section):
 class PolicyModel(_Section):
     id: str = NonEmpty
     revision: str | None
-    dtype: Literal["float32", "bfloat16"]
+    dtype: Literal["auto", "float32", "bfloat16"]
     trust_remote_code: bool
     prompt_format: Literal["raw", "chat"]
     # chunked: our causal attention for the unpadded training/scoring passes (rlhf/models/attention.py), SDPA elsewhere;
@@ -67,7 +67,7 @@ class RewardModel(_Section):
     id: str = NonEmpty
     revision: str | None
     kind: Literal["similarity", "classifier"]
-    dtype: Literal["float32", "bfloat16"]
+    dtype: Literal["auto", "float32", "bfloat16"]
     trust_remote_code: bool
     attention: Literal["auto", "chunked", "sdpa", "eager"]  # chunked only helps causal (decoder) reward models
     max_length: int = Field(ge=16)

@@ -18,15 +18,15 @@ PRESETS: dict[str, dict] = {
         "data": {"source": "trl-lib/tldr", "split": "train"},
         "lora": {"r": 32, "alpha": 64, "dropout": 0.0},
         "critic": {"mode": "lora", "lora_r": 32, "lora_alpha": 64},
-        # GPU-sized work units: 64 prompts sampled in one chunk, micro-batches of 16 × ~565 tokens (~22 GiB of
-        # activations kept for backward on Qwen3-0.6B, see `rlhf report`): an 80 GB GPU well used, a 24 GB one not
-        # overrun by any stage
-        "rollout": {"batch_size": 64, "micro_batch_size": 16, "generation_chunk": 64},
+        # GPU-sized work units: 64 prompts sampled in one chunk, micro-batches of 8 × ~565 tokens (~11 GiB of
+        # activations kept for backward on Qwen3-0.6B, see `rlhf report`): the update stays below the reward
+        # stage's 8B weights, so no stage overruns a 24 GB GPU
+        "rollout": {"batch_size": 64, "micro_batch_size": 8, "generation_chunk": 64},
         "ppo": {"epochs": 4},
         "runtime": {"device": "auto"},
     },
     "embedded": {
-        "policy_model": {"id": "embedded:smollm2-135m-instruct", "dtype": "bfloat16", "prompt_format": "raw",
+        "policy_model": {"id": "embedded:smollm2-135m-instruct", "dtype": "auto", "prompt_format": "raw",
                          "attention": "auto"},
         "reward_model": {"id": "embedded:all-minilm-l6-v2", "kind": "similarity", "dtype": "float32",
                          "max_length": 1024, "token_budget": 8192, "attention": "auto"},

@@ -93,7 +93,7 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
     attention = device.attention(pm.attention)
     base_dir = Path(params.paths.policy_model)
     tokenizer = load_tokenizer(base_dir)
-    base = load_causal_lm(base_dir, pm.dtype, pm.trust_remote_code, attention)
+    base = load_causal_lm(base_dir, device.dtype, pm.trust_remote_code, attention)
     check_target_modules(base, params.lora.target_modules)
     # Not low_cpu_mem_usage: that builds the adapters empty in the base dtype and fills them from the files, so with
     # a bf16 base the fp32 master weights came back rounded to bf16 at every iteration boundary. Built in fp32
@@ -114,7 +114,7 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
                                            attention)
         critic_backbone.train(False).requires_grad_(trainable).to(device.where)
     head = load_value_head(state_dir / CRITIC_ADAPTER, hidden_size(base)).requires_grad_(trainable).to(device.where)
-    reference = load_causal_lm(Path(pm.reference), pm.dtype, pm.trust_remote_code, attention) if pm.reference else None
+    reference = load_causal_lm(Path(pm.reference), device.dtype, pm.trust_remote_code, attention) if pm.reference else None
     if reference is not None:
         reference.to(device.where)
     model.to(device.where)

@@ -58,7 +58,7 @@ class SimilarityScorer:
         from transformers import AutoModel
 
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = _from_pretrained(AutoModel, model_dir, cfg.dtype, cfg.trust_remote_code,
+        self.model = _from_pretrained(AutoModel, model_dir, device.dtype, cfg.trust_remote_code,
                                       device.attention(cfg.attention)).eval().to(device.where)
         self.cfg, self.device = cfg, device
 
@@ -99,7 +99,7 @@ class ClassifierScorer:
         from transformers import AutoModelForSequenceClassification
 
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = _from_pretrained(AutoModelForSequenceClassification, model_dir, cfg.dtype, cfg.trust_remote_code,
+        self.model = _from_pretrained(AutoModelForSequenceClassification, model_dir, device.dtype, cfg.trust_remote_code,
                                       device.attention(cfg.attention), num_labels=1).eval().to(device.where)
         self.cfg, self.device = cfg, device
         self.causal = is_causal(self.model)
