@@ -164,33 +164,31 @@ def critic_values(actors: Actors, packed: Packed) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- per-row passes
 
 
-def score_responses(actors: Actors, df, temperature: float, dist: Dist = Dist()) -> tuple[list, list]:
-    """Per-token log-probs and entropies of a rollout frame's responses, one forward per micro-batch (micro-batches
-    shared out across ranks); unpadded lists per row, in the frame's order."""
+def per_token_columns(actors: Actors, df, passes, dist: Dist = Dist()) -> list[list]:
+    """Run `passes(packed) -> tuple of (b, R) tensors` over a rollout frame's micro-batches (shared out across ranks)
+    and return, per tensor, one unpadded list per row in the frame's order."""
     local = {}
     for _, group in dist.mine(list(df.groupby("micro_batch", sort=True))):
         packed = pack(list(group["prompt_ids"]), list(group["response_ids"]), actors.device.where)
         with torch.no_grad():
-            lp, ent = policy_logprobs(actors, packed, temperature)  # (b, R)
-        lp, ent = lp.cpu(), ent.cpu()  # the artifact boundary: one copy per micro-batch
+            outs = [t.cpu() for t in passes(packed)]  # the artifact boundary: one copy per micro-batch
         for j, i in enumerate(group.index):
             n = len(df.at[i, "response_ids"])
-            local[i] = (lp[j, :n].tolist(), ent[j, :n].tolist())
+            local[i] = tuple(t[j, :n].tolist() for t in outs)
     merged = dist.merge(local)
-    return [merged[i][0] for i in range(len(df))], [merged[i][1] for i in range(len(df))]
+    return [[merged[i][k] for i in range(len(df))] for k in range(len(next(iter(merged.values()), ())))]
+
+
+def score_responses(actors: Actors, df, temperature: float, dist: Dist = Dist()) -> tuple[list, list]:
+    """Per-token log-probs and entropies of a rollout frame's responses."""
+    logprobs, entropy = per_token_columns(actors, df, lambda packed: policy_logprobs(actors, packed, temperature), dist)
+    return logprobs, entropy
 
 
 def score_references(actors: Actors, rollout, temperature: float, dist: Dist = Dist()) -> tuple[list, list]:
-    """Reference log-probs and critic values (V_old) per response token of a rollout frame, in its micro-batches."""
-    local = {}
-    for _, group in dist.mine(list(rollout.groupby("micro_batch", sort=True))):
-        packed = pack(list(group["prompt_ids"]), list(group["response_ids"]), actors.device.where)
-        with torch.no_grad():
-            ref = reference_logprobs(actors, packed, temperature)  # (b, R)
-            v = critic_values(actors, packed)  # (b, R)
-        ref, v = ref.cpu(), v.cpu()  # the artifact boundary: one copy per micro-batch
-        for j, i in enumerate(group.index):
-            n = int(rollout.at[i, "response_length"])
-            local[i] = (ref[j, :n].tolist(), v[j, :n].tolist())
-    merged = dist.merge(local)
-    return [merged[i][0] for i in range(len(rollout))], [merged[i][1] for i in range(len(rollout))]
+    """Reference log-probs and critic values (V_old) per response token of a rollout frame."""
+    def passes(packed):
+        return reference_logprobs(actors, packed, temperature), critic_values(actors, packed)  # (b, R) each
+
+    ref_logprobs, values = per_token_columns(actors, rollout, passes, dist)
+    return ref_logprobs, values
