@@ -22,6 +22,7 @@ def quiet_libraries(mode: str) -> None:
     if enabled(mode):
         return
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # plain tqdm bars too (transformers' GGUF conversion), read when tqdm is imported
     if "transformers.utils.logging" in sys.modules:  # only if imported: importing transformers costs seconds
         sys.modules["transformers.utils.logging"].disable_progress_bar()  # also huggingface_hub's
     elif "huggingface_hub.utils" in sys.modules:

@@ -47,7 +47,7 @@ READY_TIMEOUT_S = 180
 WORKER_ENV = "RLHF_WARM_WORKER"  # set inside workers: a worker never delegates again
 RUSAGE_ENV = "RLHF_WARM_RUSAGE"  # if set, the command writes the worker's resource usage (JSON) to this file
 KEY_ENV_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_",
-                    "CUDA", "NCCL", "PYTHON", "LD_", "MALLOC", "XDG_CACHE_HOME", "RLHF_")
+                    "CUDA", "NCCL", "PYTHON", "LD_", "MALLOC", "XDG_CACHE_HOME", "RLHF_", "TQDM")
 PRELOAD = ("torch", "pandas", "pyarrow.parquet", "transformers", "peft", "transformers.models.llama.modeling_llama",
            "transformers.models.qwen3.modeling_qwen3", "transformers.models.bert.modeling_bert",
            "rlhf.models.checkpoint", "rlhf.models.passes", "rlhf.models.sampling", "rlhf.models.scorers",
