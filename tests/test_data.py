@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, full_params
-from rlhf.config.params import parse_params
+from rlhf.config.params import ParamsError, parse_params
 from rlhf.data.prompts import clean_rows, tokenize_prompts
 from rlhf.artifacts.schema import ArtifactError
 
@@ -79,8 +79,18 @@ def test_overlong_post_dropped_or_truncated_keeping_the_cue(tokenizer):
     trunc = parse_params(full_params(data={"max_prompt_tokens": 64, "overlong": "truncate"}))
     counts = Counter()
     out = tokenize_prompts(clean_rows(frame([[long, " s"]]), counts), tokenizer, trunc, counts)
-    assert out.at[0, "prompt_length"] == 64 and counts["truncated_overlong"] == 1
-    assert tokenizer.decode(out.at[0, "prompt_ids"]).endswith("TL;DR:")
+    assert 60 <= out.at[0, "prompt_length"] <= 64 and counts["truncated_overlong"] == 1
+    assert tokenizer.decode(out.at[0, "prompt_ids"]) == out.at[0, "prompt"]  # the text is what the policy is given
+    assert out.at[0, "prompt"].endswith("One-sentence summary:<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert out.at[0, "prompt"].startswith("<|im_start|>user\nSummarize the following Reddit post")  # instruction kept
+    raw = parse_params(full_params(data={"max_prompt_tokens": 64, "overlong": "truncate"},
+                                   policy_model={"prompt_format": "raw", "instruction": None}))
+    out = tokenize_prompts(clean_rows(frame([[long, " s"]]), Counter()), tokenizer, raw, Counter())
+    assert out.at[0, "prompt"].endswith("word \n\nTL;DR:") and out.at[0, "prompt_length"] <= 64
+    tiny = parse_params(full_params(data={"max_prompt_tokens": 8, "overlong": "truncate"}))
+    counts = Counter()
+    assert len(tokenize_prompts(clean_rows(frame([[long, " s"]]), counts), tokenizer, tiny, counts)) == 0
+    assert counts["skipped_overlong"] == 1  # not even the instruction fits: skipped, counted
 
 
 def test_real_sample_quirks_star_post_is_a_counted_skip(tokenizer):
@@ -94,8 +104,19 @@ def test_real_sample_quirks_star_post_is_a_counted_skip(tokenizer):
     assert len(out) == len(real) - 1 and sum(v for k, v in counts.items() if k.startswith("skipped")) == 1
 
 
+def test_instruction_wraps_the_post_without_its_cue(tokenizer):
+    params = parse_params(full_params(policy_model={"prompt_format": "raw", "instruction": "Sum up {post} now: {x}"}))
+    out = tokenize_prompts(clean_rows(frame([[prompt("a {brace} post"), " s"]]), Counter()), tokenizer, params,
+                           Counter())
+    assert out.at[0, "prompt"].startswith("Sum up SUBREDDIT: r/test") and out.at[0, "prompt"].endswith(
+        "a {brace} post now: {x}")  # no TL;DR: cue inside, braces in the post and the template left alone
+    for bad in ("no placeholder", "{post} twice {post}"):
+        with pytest.raises(ParamsError, match="policy_model.instruction: .*{post}"):
+            parse_params(full_params(policy_model={"instruction": bad}))
+
+
 def test_chat_prompt_format_uses_qwen3_template_without_thinking(tokenizer):
-    params = parse_params(full_params(policy_model={"prompt_format": "chat"}))
+    params = parse_params(full_params(policy_model={"prompt_format": "chat", "instruction": None}))
     df = clean_rows(frame([[prompt("post"), " s"]]), Counter())
     out = tokenize_prompts(df, tokenizer, params, Counter())
     text = out.at[0, "prompt"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
 EMBEDDED_SCORER = "embedded:all-minilm-l6-v2"
@@ -56,11 +56,21 @@ class PolicyModel(_Section):
     dtype: Literal["auto", "float32", "bfloat16"]
     trust_remote_code: bool
     prompt_format: Literal["raw", "chat"]
+    # The text the policy is given (the chat user turn, or the whole prompt when raw): "{post}" stands for the source
+    # prompt without its closing "TL;DR:" cue. null: the source prompt as it is.
+    instruction: str | None
     # chunked: our causal attention for the unpadded training/scoring passes (rlhf/models/attention.py), SDPA elsewhere;
     # auto: chunked on the CPU, SDPA on CUDA (rlhf/runtime/device.py)
     attention: Literal["auto", "chunked", "sdpa", "eager"]
     # A separate frozen reference model; null means "the policy with its LoRA adapter disabled".
     reference: str | None
+
+    @field_validator("instruction")
+    @classmethod
+    def _instruction_has_post(cls, value: str | None) -> str | None:
+        if value is not None and value.count("{post}") != 1:
+            raise ValueError(f"must contain {{post}} (where the post goes) exactly once, got {value!r}")
+        return value
 
 
 class RewardModel(_Section):

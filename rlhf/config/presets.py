@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SUMMARY_INSTRUCTION = "Summarize the following Reddit post in one sentence.\n\n{post}\n\nOne-sentence summary:"
+
 PRESETS: dict[str, dict] = {
     "mission": {
         "policy_model": {"id": "Qwen/Qwen3-0.6B", "dtype": "bfloat16", "prompt_format": "chat",
-                         "attention": "auto"},
+                         "instruction": SUMMARY_INSTRUCTION, "attention": "auto"},
         "reward_model": {"id": "Skywork/Skywork-Reward-V2-Qwen3-8B", "kind": "classifier", "dtype": "bfloat16",
                          "max_length": 4096, "token_budget": 16384, "attention": "auto"},
         "data": {"source": "trl-lib/tldr", "split": "train"},
@@ -26,8 +28,8 @@ PRESETS: dict[str, dict] = {
         "runtime": {"device": "auto"},
     },
     "embedded": {
-        "policy_model": {"id": "embedded:smollm2-135m-instruct", "dtype": "auto", "prompt_format": "raw",
-                         "attention": "auto"},
+        "policy_model": {"id": "embedded:smollm2-135m-instruct", "dtype": "auto", "prompt_format": "chat",
+                         "instruction": SUMMARY_INSTRUCTION, "attention": "auto"},
         "reward_model": {"id": "embedded:all-minilm-l6-v2", "kind": "similarity", "dtype": "float32",
                          "max_length": 1024, "token_budget": 8192, "attention": "auto"},
         "data": {"source": "local", "split": "validation"},

@@ -115,7 +115,10 @@ def check_prompt_format(tokenizer, prompt_format: str) -> None:
                          f"{tokenizer.name_or_path} has none; use prompt_format: raw")
 
 
-def render_prompt(tokenizer, query: str, prompt_format: str) -> str:
+def render_prompt(tokenizer, query: str, prompt_format: str, instruction: str | None = None) -> str:
+    if instruction is not None:
+        # str.replace, not str.format: posts contain braces
+        query = instruction.replace("{post}", query.rstrip().removesuffix(CUE).rstrip())
     if prompt_format == "raw":
         return query
     messages = [{"role": "user", "content": query}]
@@ -123,26 +126,48 @@ def render_prompt(tokenizer, query: str, prompt_format: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
+def trim_query(tokenizer, query: str, render, limit: int) -> tuple[str, list[int]] | None:
+    """Cut the source prompt from its start until the rendered prompt fits in `limit` tokens: the instruction, the
+    chat template and the cue at the end stay whole. None if not even the frame around the post fits."""
+    query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    keep = len(query_ids)
+    while keep > 0:
+        text = render(tokenizer.decode(query_ids[-keep:]))
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) <= limit:
+            return text, tokens
+        keep -= len(tokens) - limit  # decoded text may re-tokenise differently: loop until it fits
+    return None
+
+
 def tokenize_prompts(df: pd.DataFrame, tokenizer, params: Params, counts: Counter) -> pd.DataFrame:
     limit, how = params.data.max_prompt_tokens, params.data.overlong
-    check_prompt_format(tokenizer, params.policy_model.prompt_format)
-    prompts, ids = [], []
+    fmt, instruction = params.policy_model.prompt_format, params.policy_model.instruction
+    check_prompt_format(tokenizer, fmt)
+
+    def render(query: str) -> str:
+        return render_prompt(tokenizer, query, fmt, instruction)
+
+    keep, prompts, ids = [], [], []
     for query in df["query"]:
-        text = render_prompt(tokenizer, query, params.policy_model.prompt_format)
+        text = render(query)
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) > limit and how == "truncate":
+            trimmed = trim_query(tokenizer, query, render, limit)
+            counts["truncated_overlong" if trimmed else "skipped_overlong"] += 1
+            if trimmed is None:
+                keep.append(False)
+                continue
+            text, tokens = trimmed
+        elif len(tokens) > limit:
+            counts["skipped_overlong"] += 1
+            keep.append(False)
+            continue
+        keep.append(True)
         prompts.append(text)
         ids.append(tokens)
-    lengths = np.array([len(t) for t in ids])
-    over = lengths > limit
-    df = df.assign(prompt=prompts, prompt_ids=ids, prompt_length=lengths.astype("int32"))
-    if how == "drop":
-        counts["skipped_overlong"] += int(over.sum())
-        return df[~over].reset_index(drop=True)
-    counts["truncated_overlong"] += int(over.sum())
-    # Keep the end: the "TL;DR:" cue (or the chat generation prompt) must stay last.
-    df["prompt_ids"] = [t[-limit:] for t in df["prompt_ids"]]
-    df["prompt_length"] = df["prompt_ids"].map(len).astype("int32")
-    return df
+    df = df[np.array(keep, dtype=bool)].reset_index(drop=True)
+    return df.assign(prompt=prompts, prompt_ids=ids, prompt_length=np.array([len(t) for t in ids], dtype="int32"))
 
 
 def split(df: pd.DataFrame, eval_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
