@@ -34,16 +34,24 @@ def _type(ann) -> str:
 
 
 def yaml_comments(path: Path) -> dict[str, str]:
-    """key path → trailing comment, from an indented params.yaml."""
-    out, stack = {}, []
+    """key path → its comment, from an indented params.yaml: the trailing comment of the key's line (after its value,
+    quoted values may hold '#') and the comment-only lines right below it that are indented deeper than the key."""
+    out, stack, last, last_indent = {}, [], None, 0
     for line in path.read_text().splitlines():
+        cont = re.match(r"^(\s+)#\s?(.*)$", line)
+        if cont and last is not None and len(cont.group(1)) > last_indent:
+            out[last] = f"{out.get(last, '')} {cont.group(2).strip()}".strip()
+            continue
         m = re.match(r"^(\s*)([A-Za-z_][\w]*):(.*)$", line)
         if not m:
+            last = None
             continue
         depth = len(m.group(1)) // 2
         stack = stack[:depth] + [m.group(2)]
-        if "#" in m.group(3):
-            out[".".join(stack)] = m.group(3).split("#", 1)[1].strip()
+        last, last_indent = ".".join(stack), len(m.group(1))
+        rest = re.sub(r'"(?:[^"\\]|\\.)*"' + r"|'[^']*'", "", m.group(3))  # drop quoted values
+        if "#" in rest:
+            out[last] = rest.split("#", 1)[1].strip()
     return out
 
 
@@ -64,6 +72,7 @@ def render(params_file: Path) -> str:
                 walk(ann, key + ".", value)
                 continue
             shown = "null" if value is None else ", ".join(value) if isinstance(value, tuple) else value
+            shown = str(shown).replace("\n", "\\n")  # one table row
             lines.append(f"| `{key}` | {_type(ann)} | `{shown}` | {_constraint(field)} | "
                          f"{comments.get(key, '').replace('|', '/')} |")
 
