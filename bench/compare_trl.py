@@ -23,7 +23,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -145,14 +144,9 @@ def warm_rss_gib(proj: Path) -> float:
 def roofline_gflops() -> float:
     import torch
 
-    a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    n = 20
-    for _ in range(n):
-        a @ b
-    return 2 * 2048**3 * n / (time.perf_counter() - t) / 1e9
+    from rlhf.runtime.device import matmul_gflops
+
+    return matmul_gflops(torch.bfloat16)
 
 
 def median_row(rows: list[dict]) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,7 +57,10 @@ def main() -> None:
     df = pd.read_parquet(args.prompts_file).head(args.prompts)
     stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     refs = embed(rtok, scorer, [r.strip() for r in df["reference"]])
-    print(f"{len(df)} prompts from {args.prompts_file}, greedy, 53 new tokens, fp32, {torch.get_num_threads()} threads")
+    from rlhf.runtime.device import machine_line
+
+    print(machine_line())
+    print(f"{len(df)} prompts from {args.prompts_file}, greedy, 53 new tokens, fp32")
     print("| format | reward | EOS rate | repeated 3-grams | distinct-2 | length | s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.formats.split(","):

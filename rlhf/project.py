@@ -64,6 +64,18 @@ def append_history(params: Params, row: dict) -> None:
         upsert_csv(history_path(params, "train_history.csv"), TRAIN_COLUMNS, row)
 
 
+def record_history(params: Params, iteration: int) -> None:
+    """The finished repro's metrics as row `iteration` of the history CSVs (an upsert: recording it twice, before
+    the tagged commit and again at advance, gives one row)."""
+    metrics_dir = Path(params.paths.metrics)
+    row: dict = {}
+    for name in ("objective.json", "update.json", "eval.json"):
+        if (metrics_dir / name).exists():
+            row.update(read_json(metrics_dir / name))
+    row["iteration"] = iteration
+    append_history(params, row)
+
+
 def _env() -> dict:
     """Stage commands call `python`; make this interpreter's bin folder win, activated venv or not."""
     bin_dir = str(Path(sys.executable).parent)
@@ -127,12 +139,7 @@ def advance(params: Params, track: bool = True) -> int:
         raise StateError(f"{nxt} is iteration {after} but {current} is {before}: nothing to advance "
                          "(already advanced? run `dvc repro`)")
     metrics_dir = Path(params.paths.metrics)
-    row: dict = {}
-    for name in ("objective.json", "update.json", "eval.json"):
-        if (metrics_dir / name).exists():
-            row.update(read_json(metrics_dir / name))
-    row["iteration"] = after
-    append_history(params, row)
+    record_history(params, after)
     if (metrics_dir / "samples.jsonl").exists():
         samples_report.archive(metrics_dir / "samples.jsonl", metrics_dir, after)
         samples_report.write(metrics_dir, after)
@@ -214,6 +221,8 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
         dvc("repro")
         iteration = read_state(params.paths.next)["iteration"]
         if commit_each:
+            # the tagged commit's history CSVs (what `dvc plots diff iter-M iter-N` draws) end at its own iteration
+            record_history(params, iteration)
             commit(params, f"PPO iteration {iteration}", f"{tag_prefix}{iteration}", force_tags)
         if push:
             dvc("push")  # this iteration's state and artifacts, while they are the workspace's
@@ -227,6 +236,9 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
     print_summary(params)
     print("\nwall time: " + "; ".join(f"{name} {secs:.0f} s" for name, secs in timings)
           + f"; total {time.perf_counter() - start:.0f} s")
+    from rlhf.runtime.device import machine_line
+
+    print(machine_line())  # the times above mean little without it: machines of one kind differ 2× and more
 
 
 def print_summary(params: Params) -> None:

@@ -33,6 +33,9 @@ def test_train_writes_state_metrics_and_history(project):
     assert (project / "models/current/optimizer/policy.safetensors").exists()
     tags = run(["git", "tag"], project).stdout.split()
     assert {"iter-0", "iter-1"} <= set(tags)
+    for name in ("history.csv", "train_history.csv"):  # the tag's own history ends at its iteration
+        tagged = run(["git", "show", f"iter-1:metrics/{name}"], project).stdout
+        assert [r["iteration"] for r in csv.DictReader(tagged.splitlines())][-1] == "1", name
 
 
 def test_first_minibatch_ratio_is_one(project):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -80,9 +81,9 @@ class Device:
 
 
 def resolve_dtype(setting: str, where: torch.device) -> str:
-    """`auto`: bf16 where the hardware computes it natively, else fp32. A CPU without AVX-512 (oneDNN has no bf16
-    kernels for it) runs a bf16 matmul ~100× slower than fp32 (measured: 1.2 vs 100 GFLOP/s on an AVX2-only
-    2-core machine), while with AVX512-BF16/AMX bf16 is ~4× faster than fp32."""
+    """`auto`: bf16 where the hardware computes it natively, else fp32. On a CPU without AVX-512 oneDNN has no bf16
+    kernels and a bf16 matmul falls back to a path two orders of magnitude slower than fp32 (README, "Machines
+    differ"); with AVX512-BF16/AMX bf16 is several times faster than fp32. `matmul_gflops` measures both."""
     if setting != "auto":
         return setting
     if where.type == CUDA:
@@ -113,3 +114,21 @@ def autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if t.device.type == META:
         return contextlib.nullcontext()
     return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 1024, budget_s: float = 0.5) -> float:
+    """This machine's CPU matmul throughput in `dtype` (size × size by size × size, repeated for about budget_s),
+    printed next to every published time: machines of the same kind differ by 2× and more."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up (oneDNN primitive creation)
+    reps, start = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - start < budget_s:
+        a @ b
+        reps += 1
+    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def machine_line() -> str:
+    """One line that says how fast this CPU is, for logs and benchmark output."""
+    return (f"machine: {os.cpu_count()} CPUs, matmul {matmul_gflops(torch.float32):.0f} GFLOP/s fp32, "
+            f"{matmul_gflops(torch.bfloat16):.1f} GFLOP/s bf16 (1024×1024 by 1024×1024, {torch.get_num_threads()} threads)")
