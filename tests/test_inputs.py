@@ -117,7 +117,7 @@ def test_the_added_cue_is_what_prepare_reports(tmp_path, tiny_policy, tiny_rewar
     assert metrics["added_tldr_cue"] == 3 and metrics["skipped_post_without_letters"] == 0
     assert "TL;DR cue added to 3" in result.stderr + result.stdout
     prepared = pd.concat([pd.read_parquet(repo / "data/prepared" / f) for f in ("train.parquet", "eval.parquet")])
-    assert prepared["prompt"].str.endswith("\n\nTL;DR:").all()
+    assert prepared["query"].str.endswith("\n\nTL;DR:").all()  # the cleaned source prompt; the policy sees it via the instruction
 
 
 # ---- near-empty posts -------------------------------------------------------------------------------------------------
