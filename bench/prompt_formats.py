@@ -17,17 +17,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rlhf.data.prompts import CUE
+from rlhf.config.presets import SUMMARY_INSTRUCTION
+from rlhf.data.prompts import render_prompt
 from rlhf.reports.statistics import distinct_n, mean_repeated_ngram_fraction
 
-INSTRUCTION = "Summarize the following Reddit post in one sentence.\n\n"
-FORMATS = {
-    # name: (chat template?, user text from the trl-lib prompt `q` and its post without the cue `p`)
-    "raw": (False, lambda q, p: q),
-    "chat": (True, lambda q, p: q),
-    "instruction": (True, lambda q, p: INSTRUCTION + p),
-    "instruction-after": (True, lambda q, p: p + "\n\nSummarize the post above in one short sentence."),
-    "instruction+cue": (True, lambda q, p: INSTRUCTION + p + "\n\nOne-sentence summary:"),
+FORMATS = {  # name: (policy_model.prompt_format, policy_model.instruction), rendered as `prepare` renders them
+    "raw": ("raw", None),
+    "chat": ("chat", None),
+    "instruction": ("chat", "Summarize the following Reddit post in one sentence.\n\n{post}"),
+    "instruction-after": ("chat", "{post}\n\nSummarize the post above in one short sentence."),
+    "instruction+cue": ("chat", SUMMARY_INSTRUCTION),
 }
 
 
@@ -64,14 +63,11 @@ def main() -> None:
     print("| format | reward | EOS rate | repeated 3-grams | distinct-2 | length | s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.formats.split(","):
-        chat, user = FORMATS[name]
+        prompt_format, instruction = FORMATS[name]
         t0, texts, eos, lengths = time.time(), [], [], []
         for i in range(0, len(df), args.batch):
             queries = list(df["query"][i:i + args.batch])
-            rendered = [user(q, q.rstrip().removesuffix(CUE).rstrip()) for q in queries]
-            if chat:
-                rendered = [tok.apply_chat_template([{"role": "user", "content": u}], tokenize=False,
-                                                    add_generation_prompt=True) for u in rendered]
+            rendered = [render_prompt(tok, q, prompt_format, instruction) for q in queries]
             batch = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 out = policy.generate(**batch, max_new_tokens=53, do_sample=False, pad_token_id=tok.pad_token_id)

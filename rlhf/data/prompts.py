@@ -152,17 +152,13 @@ def tokenize_prompts(df: pd.DataFrame, tokenizer, params: Params, counts: Counte
     for query in df["query"]:
         text = render(query)
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(tokens) > limit and how == "truncate":
-            trimmed = trim_query(tokenizer, query, render, limit)
-            counts["truncated_overlong" if trimmed else "skipped_overlong"] += 1
-            if trimmed is None:
+        if len(tokens) > limit:
+            fitted = trim_query(tokenizer, query, render, limit) if how == "truncate" else None
+            counts["truncated_overlong" if fitted else "skipped_overlong"] += 1
+            if fitted is None:
                 keep.append(False)
                 continue
-            text, tokens = trimmed
-        elif len(tokens) > limit:
-            counts["skipped_overlong"] += 1
-            keep.append(False)
-            continue
+            text, tokens = fitted
         keep.append(True)
         prompts.append(text)
         ids.append(tokens)

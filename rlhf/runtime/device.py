@@ -82,8 +82,7 @@ class Device:
 
 def resolve_dtype(setting: str, where: torch.device) -> str:
     """`auto`: bf16 where the hardware computes it natively, else fp32. On a CPU without AVX-512 oneDNN has no bf16
-    kernels and a bf16 matmul falls back to a path two orders of magnitude slower than fp32 (README, "Machines
-    differ"); with AVX512-BF16/AMX bf16 is several times faster than fp32. `matmul_gflops` measures both."""
+    kernels and a bf16 matmul falls back to a path two orders of magnitude slower than fp32; with AVX512-BF16/AMX bf16 is several times faster than fp32. `matmul_gflops` measures both."""
     if setting != "auto":
         return setting
     if where.type == CUDA:
