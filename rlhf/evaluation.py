@@ -9,35 +9,19 @@ import html
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from rlhf.artifacts.files import atomic_write_text, read_state, write_json
 from rlhf.artifacts.schema import read_artifact
 from rlhf.config.params import Eval, Params
 from rlhf.errors import ArtifactError
 from rlhf.models.checkpoint import load_actors
-from rlhf.models.passes import exact_kl, length_sorted_groups, pack
-from rlhf.models.sampling import contains_stop, generate
+from rlhf.models.sampling import contains_stop, generate_with_reference_kl
 from rlhf.models.scorers import load_scorer
 from rlhf.reports import statistics as st
 from rlhf.reports.samples import post_text
 from rlhf.runtime.device import resolve_device
 from rlhf.runtime.log import log
 from rlhf.runtime.seeding import derive_seed
-
-
-def kl_to_reference(actors, prompts: list, responses: list, temperature: float, group_size: int) -> list[float]:
-    """Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)), exact over the vocabulary, along each held-out response."""
-    groups = length_sorted_groups([len(p) + len(r) for p, r in zip(prompts, responses)], group_size)
-    kls = [0.0] * len(prompts)
-    for g in sorted(set(groups)):
-        rows = [i for i, x in enumerate(groups) if x == g]
-        packed = pack([prompts[i] for i in rows], [responses[i] for i in rows], actors.device.where)
-        with torch.no_grad():
-            kl = exact_kl(actors, packed, temperature)  # (b, R)
-        for j, i in enumerate(rows):
-            kls[i] = float(kl[j].sum())
-    return kls
 
 
 def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame]:
@@ -47,11 +31,13 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     rows = [i for i in range(len(prompts)) for _ in range(per_prompt)]  # a prompt's samples side by side
     ids = [prompts["prompt_ids"].iloc[i] for i in rows]
     actors = load_actors(params, state_dir, trainable=False, with_critic=False)
-    responses = generate(actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                         seed=derive_seed(params.seed, "eval"), chunk_size=params.rollout.generation_chunk,
-                         progress=params.runtime.progress, greedy=cfg.greedy)
+    # The KL to the reference is summed while decoding (the reference reads the same tokens from its own cache):
+    # no second pass of the policy over prompt + response.
+    responses, kls = generate_with_reference_kl(
+        actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=derive_seed(params.seed, "eval"),
+        chunk_size=cfg.generation_chunk, kl_temperature=cfg.temperature, progress=params.runtime.progress,
+        greedy=cfg.greedy, rows_per_pass=params.rollout.micro_batch_size)
     texts = actors.tokenizer.batch_decode(responses, skip_special_tokens=True)
-    kls = kl_to_reference(actors, ids, responses, cfg.temperature, params.rollout.micro_batch_size)
     eos = [contains_stop(r, actors.stop_ids) for r in responses]
     device = actors.device
     del actors  # the policy is freed before the reward model is loaded

@@ -60,8 +60,11 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 
 def kl_full(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """Exact KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) from two logit tensors (..., V); returns (...)."""
-    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
-    logq = torch.log_softmax(ref_logits, dim=-1)  # (B, T, V)
+    return kl_from_logprobs(torch.log_softmax(logits, dim=-1), torch.log_softmax(ref_logits, dim=-1))
+
+
+def kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p ‖ q) from normalised log-probabilities (..., V); returns (...)."""
     return (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
 
 

@@ -35,7 +35,7 @@ def main(params) -> None:
     start = time.perf_counter()
     responses = generate(actors, list(batch["prompt_ids"]), cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                          seed=derive_seed(params.seed, "rollout", state["iteration"]), chunk_size=cfg.generation_chunk,
-                         progress=params.runtime.progress, dist=dist)
+                         progress=params.runtime.progress, dist=dist, rows_per_pass=cfg.micro_batch_size)
     gen_seconds = time.perf_counter() - start
     lengths = [len(p) + len(r) for p, r in zip(batch["prompt_ids"], responses)]
     df = pd.DataFrame({

@@ -26,3 +26,4 @@ def test_model_stages_log_no_bars_and_no_warnings(tmp_path, trained_repo, warm):
         noisy = [line for line in result.stderr.splitlines() if NOISE.search(line)]
         assert noisy == [], f"{name}: {noisy}"
         assert result.stderr.strip().startswith(f"{name}: ")  # its own log line is still there
+        assert re.search(rf"^{name}: stage took \d+\.\d s$", result.stderr, re.M), result.stderr  # and its wall time

@@ -2,12 +2,14 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlhf.models.checkpoint import load_actors
-from rlhf.models.passes import left_pad
-from rlhf.models.sampling import generate
-from rlhf.models.sampling import nucleus_filter, pick_tokens
+from rlhf.models.passes import exact_kl, left_pad, pack
+from rlhf.models.sampling import (
+    CachedLM, generate, generate_with_reference_kl, merged_policy, nucleus_filter, pick_tokens,
+)
 from test_models import perturb_adapter, project, prompts_and_responses  # noqa: F401 (fixture)
 
 
@@ -37,14 +39,15 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert set(draws.tolist()) == {0, 1}
 
 
-def test_greedy_generation_equals_transformers_generate(project):
+@pytest.mark.parametrize("rows_per_pass", [None, 1, 2])
+def test_greedy_generation_equals_transformers_generate(project, rows_per_pass):
     from transformers import GenerationConfig
 
     actors = load_actors(project, Path("state"), trainable=False, with_critic=False)
     perturb_adapter(actors)
     prompts, _ = prompts_and_responses(actors.tokenizer)
     prompts = [p[: 15 + 10 * i] for i, p in enumerate(prompts)]
-    ours = generate(actors, prompts, 8, 1.0, 1.0, seed=0, chunk_size=3, greedy=True)
+    ours = generate(actors, prompts, 8, 1.0, 1.0, seed=0, chunk_size=3, greedy=True, rows_per_pass=rows_per_pass)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     ids, mask = left_pad([prompts[i] for i in order], 0)
     config = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=actors.stop_ids, pad_token_id=0)
@@ -53,3 +56,53 @@ def test_greedy_generation_equals_transformers_generate(project):
     for i, row in zip(order, out[:, ids.shape[1]:].tolist()):
         cut = next((k + 1 for k, t in enumerate(row) if t in actors.stop_ids), len(row))
         assert ours[i] == row[:cut]
+
+
+def test_prefill_in_passes_fills_the_cache_as_one_left_padded_pass(project):
+    """Each pass drops the columns that are padding in all its rows; the chunk's cache must come out as the whole
+    left-padded prefill writes it (real slots equal, pad slots finite), and so must the next step's logits."""
+    actors = load_actors(project, Path("state"), trainable=False, with_critic=False)
+    perturb_adapter(actors)
+    prompts, _ = prompts_and_responses(actors.tokenizer, n=4)
+    prompts = sorted((p[: 12 + 11 * i] for i, p in enumerate(prompts)), key=len)
+    ids, mask = left_pad(prompts, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model = actors.model.get_base_model()
+    lms = {}
+    with torch.no_grad(), merged_policy(actors):
+        for rows in (4, 1, 3):
+            lm = CachedLM(model, ids.shape[1] + 2)
+            first = lm.prefill(ids, mask, positions, rows)
+            token = first.argmax(-1)
+            grown = torch.cat([mask, mask.new_ones((4, 1))], 1)
+            lms[rows] = (lm, first, lm.step(token, grown, positions[:, -1:] + 1))
+    whole, first, nxt = lms[4]
+    real = mask.bool()  # (b, P)
+    for rows in (1, 3):
+        lm, f, n = lms[rows]
+        torch.testing.assert_close(f, first, rtol=0, atol=1e-5)
+        torch.testing.assert_close(n, nxt, rtol=0, atol=1e-5)
+        for ours, theirs in zip(lm.cache.layers, whole.cache.layers):
+            assert ours.keys.shape == theirs.keys.shape  # (b, hk, P + 1, d)
+            P = ids.shape[1]
+            torch.testing.assert_close(ours.keys[:, :, :P].transpose(1, 2)[real], theirs.keys[:, :, :P].transpose(1, 2)[real],
+                                       rtol=0, atol=1e-5)
+            assert torch.isfinite(ours.keys).all() and torch.isfinite(ours.values).all()
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_kl_summed_while_decoding_equals_the_exact_kl_pass(project, greedy):
+    """The evaluation's KL comes from the sampler's (merged) logits, kept while decoding, and a packed reference
+    pass afterwards: it must equal Σ_t KL(π ‖ π_ref) from the packed passes over prompt + response, and the responses must be generate()'s."""
+    actors = load_actors(project, Path("state"), trainable=False, with_critic=False)
+    perturb_adapter(actors)
+    prompts, _ = prompts_and_responses(actors.tokenizer, n=5)
+    prompts = [p[: 15 + 7 * i] for i, p in enumerate(prompts)]
+    kw = dict(seed=3, chunk_size=3, greedy=greedy, rows_per_pass=2)
+    plain = generate(actors, prompts, 6, 0.7, 1.0, **kw)
+    responses, kls = generate_with_reference_kl(actors, prompts, 6, 0.7, 1.0, kl_temperature=0.7, **kw)
+    assert responses == plain
+    with torch.no_grad():
+        want = exact_kl(actors, pack(prompts, responses), 0.7).sum(-1)  # (b,)
+    assert float(want.min()) > 0  # the adapter moved the policy: a wrong pairing of positions would show
+    torch.testing.assert_close(torch.tensor(kls, dtype=torch.float32), want, rtol=1e-4, atol=1e-5)

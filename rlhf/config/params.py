@@ -174,6 +174,7 @@ class Optim(_Section):
 class Eval(_Section):
     greedy: bool
     samples_per_prompt: int = Field(ge=1)  # when not greedy; their mean reward is the prompt's
+    generation_chunk: int = Field(ge=1)  # held-out prompts decoded together (the seeding unit when sampling)
     max_new_tokens: int = Field(ge=1)
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)

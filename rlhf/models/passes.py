@@ -134,12 +134,16 @@ def exact_kl(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor
     actors.use(POLICY_ADAPTER)
     with actors.compute():
         logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
+    return kl_full(logits, reference_response_logits(actors, packed, temperature)) * packed.response_mask
+
+
+def reference_response_logits(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
+    """The reference's tempered fp32 logits at the response positions, (b, R, V)."""
+    with actors.compute():
         if actors.reference is not None:
-            ref_logits = response_logits(actors.reference, packed, temperature)
-        else:
-            with actors.model.disable_adapter():
-                ref_logits = response_logits(actors.model.get_base_model(), packed, temperature)  # (b, R, V)
-    return kl_full(logits, ref_logits) * packed.response_mask
+            return response_logits(actors.reference, packed, temperature)
+        with actors.model.disable_adapter():
+            return response_logits(actors.model.get_base_model(), packed, temperature)
 
 
 def reference_logprobs(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:

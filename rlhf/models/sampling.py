@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf.models.actors import POLICY_ADAPTER, Actors
-from rlhf.models.passes import left_pad
+from rlhf.models.passes import left_pad, pack, reference_response_logits
+from rlhf.ppo import kl_from_logprobs
 from rlhf.runtime.distributed import Dist
 from rlhf.runtime.progress import bar
 from rlhf.runtime.seeding import derive_seed
@@ -52,21 +53,70 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int],
-           pad_id: int, cache, pick: Callable[[torch.Tensor], torch.Tensor],
-           on_step: Callable[[int], None] = lambda n: None) -> torch.Tensor:
-    """Left-padded prompts (b, P) → new tokens (b, ≤ max_new_tokens); a row that emitted a stop token gets pad_id
-    after it, and the loop ends when every row has stopped."""
+class CachedLM:
+    """A causal LM that reads a chunk of left-padded prompts once and then one new token per row per step, from its
+    own KV cache."""
+
+    def __init__(self, model, capacity: int):
+        self.model, self.capacity, self.kwarg = model, capacity, cache_kwarg(model)
+        self.cache = None
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                rows_per_pass: int) -> torch.Tensor:
+        """Logits of the first new token, (b, V). Rows are sorted by length; each pass of `rows_per_pass` rows
+        drops the columns that are padding in all of its rows (a quarter of the tokens of a 32-prompt TL;DR chunk
+        padded to its longest prompt are padding), and its keys/values are written right-aligned into the chunk's
+        cache, where the decode steps see exactly the left-padded layout (pad slots hold zeros and are masked)."""
+        b, P = ids.shape
+        if rows_per_pass >= b or not full_attention_only(self.model.config):
+            self.cache = preallocated_cache(self.model.config, self.capacity)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self.kwarg: self.cache})
+            self.cache = out.past_key_values if self.cache is None else self.cache  # sliding windows: theirs
+            return out.logits[:, -1]
+        logits, parts = [], []
+        real = mask.sum(-1)  # (b,)
+        for s in range(0, b, rows_per_pass):
+            rows = slice(s, min(b, s + rows_per_pass))
+            start = P - int(real[rows].max())
+            part = preallocated_cache(self.model.config, P - start)
+            out = self.model(input_ids=ids[rows, start:], attention_mask=mask[rows, start:],
+                             position_ids=positions[rows, start:], use_cache=True, logits_to_keep=1,
+                             **{self.kwarg: part})
+            logits.append(out.logits[:, -1])
+            parts.append((rows, start, part))
+        self.cache = assemble_cache(parts, b, P, self.capacity)
+        return torch.cat(logits)
+
+    def step(self, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(b,) new tokens → logits of the next one, (b, V)."""
+        out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self.kwarg: self.cache})
+        return out.logits[:, -1]
+
+
+def full_attention_only(config) -> bool:
+    """No sliding-window layers: the model's cache can be ours (sliding windows keep transformers' own)."""
+    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
+
+
+def decode(lm: CachedLM, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+           stop_ids: Sequence[int], pad_id: int, pick: Callable[[torch.Tensor], torch.Tensor], rows_per_pass: int,
+           on_step: Callable[[int], None] = lambda n: None,
+           observe: Callable[[torch.Tensor], None] = lambda logits: None) -> torch.Tensor:
+    """Left-padded prompts (b, P) → new tokens (b, ≤ max_new_tokens) sampled by `pick`; `observe` sees the logits
+    of every position before its token is picked. A row that emitted a stop token gets pad_id after it, and the
+    loop ends when every row has stopped."""
     b = ids.shape[0]
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=ids.device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, P): as generate() numbers left-padded rows
     mask = attention_mask
-    kv = {cache_kwarg(model): cache}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kv)
+    logits = lm.prefill(ids, mask, positions, rows_per_pass)  # (b, V)
     done = torch.zeros(b, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        token = pick(out.logits[:, -1].float())  # (b,)
+        observe(logits)
+        token = pick(logits.float())  # (b,)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         new.append(token)
         done |= torch.isin(token, stops)
@@ -75,8 +125,7 @@ def decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_token
             break
         mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)  # (b, P+t+1)
         positions = positions[:, -1:] + 1  # (b, 1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **kv)
+        logits = lm.step(token, mask, positions)
     return torch.stack(new, dim=1)  # (b, n)
 
 
@@ -86,11 +135,33 @@ def decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_token
 def generate(
     actors: Actors, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
     seed: int, chunk_size: int, progress: str = "off", dist: Dist = Dist(), greedy: bool = False,
+    rows_per_pass: int | None = None,
 ) -> list[list[int]]:
     """Sample responses; each is cut right after its first stop token (nothing after it is kept).
 
     Prompts are generated in length-sorted chunks of `chunk_size`, chunk c seeded by (seed, c): the result does not
-    depend on how many processes share the chunks."""
+    depend on how many processes share the chunks. rows_per_pass: rows per prefill forward (None: the chunk)."""
+    responses, _ = _generate(actors, prompts, max_new_tokens, temperature, top_p, seed, chunk_size, progress, dist,
+                             greedy, rows_per_pass, kl_temperature=None)
+    return responses
+
+
+def generate_with_reference_kl(
+    actors: Actors, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
+    seed: int, chunk_size: int, kl_temperature: float, progress: str = "off", greedy: bool = False,
+    rows_per_pass: int | None = None,
+) -> tuple[list[list[int]], list[float]]:
+    """generate(), and along each response Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)) at `kl_temperature`, exact over the
+    vocabulary. π's distributions are the sampler's own logits, kept while decoding (chunk × new tokens × vocabulary
+    fp32 values); π_ref's come from one packed reference pass per `rows_per_pass` rows afterwards. No second policy
+    pass over prompt + response."""
+    return _generate(actors, prompts, max_new_tokens, temperature, top_p, seed, chunk_size, progress, Dist(), greedy,
+                     rows_per_pass, kl_temperature=kl_temperature)
+
+
+def _generate(actors: Actors, prompts, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+              chunk_size: int, progress: str, dist: Dist, greedy: bool, rows_per_pass: int | None,
+              kl_temperature: float | None) -> tuple[list[list[int]], list[float] | None]:
     actors.use(POLICY_ADAPTER)
     pad = actors.tokenizer.pad_token_id
     pad = actors.stop_ids[0] if pad is None else pad
@@ -101,36 +172,115 @@ def generate(
     mine = dist.mine(list(enumerate(chunks)))
     ticks = bar(sum(len(rows) for _, rows in mine) * max_new_tokens, "generate", "tok", progress)
     model = actors.model.get_base_model()  # with the policy merged in and adapters disabled: the policy
-    local: dict[int, list[int]] = {}
+    local: dict[int, tuple[list[int], float | None]] = {}
     for c, rows in mine:
         ids, attn = left_pad([prompts[i] for i in rows], pad, actors.device.where)
         generator = actors.device.generator(derive_seed(seed, "chunk", c))  # noise drawn on the device
+        kept = KeptLogprobs(max_new_tokens, kl_temperature) if kl_temperature is not None else None
         with torch.no_grad(), merged_policy(actors), actors.compute():
-            cache = preallocated_cache(model.config, ids.shape[1] + max_new_tokens)
-            out = decode(model, ids, attn, max_new_tokens, actors.stop_ids, pad, cache,
-                         lambda logits: pick_tokens(logits, temperature, top_p, greedy, generator), ticks.update)
-        for i, row in zip(rows, out.tolist()):  # the artifact boundary
+            out = decode(CachedLM(model, ids.shape[1] + max_new_tokens), ids, attn, max_new_tokens, actors.stop_ids,
+                         pad, lambda logits: pick_tokens(logits, temperature, top_p, greedy, generator),
+                         rows_per_pass or len(rows), ticks.update, kept or (lambda logits: None))
+        responses = []
+        for row in out.tolist():  # the artifact boundary
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
-            local[i] = row[:cut]
+            responses.append(row[:cut])
+        kls = (reference_kl([prompts[i] for i in rows], responses, kept.logprobs, actors, kl_temperature,
+                            rows_per_pass or len(rows)) if kept else [None] * len(rows))
+        local.update({i: (r, kl) for i, r, kl in zip(rows, responses, kls)})
     ticks.close()
     merged = dist.merge(local)
-    return [merged[i] for i in range(len(prompts))]
+    responses = [merged[i][0] for i in range(len(prompts))]
+    return responses, ([merged[i][1] for i in range(len(prompts))] if kl_temperature is not None else None)
+
+
+class KeptLogprobs:
+    """A decode observer: log softmax(logits / T) of every decoded position, in one (b, steps, V) fp32 buffer."""
+
+    def __init__(self, steps: int, temperature: float):
+        self.steps, self.temperature = steps, temperature
+        self.buffer: torch.Tensor | None = None
+        self.n = 0
+
+    def __call__(self, logits: torch.Tensor) -> None:  # (b, V)
+        if self.buffer is None:
+            self.buffer = logits.new_empty((logits.shape[0], self.steps, logits.shape[-1]), dtype=torch.float32)
+        self.buffer[:, self.n] = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        self.n += 1
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        return self.buffer[:, :self.n]  # (b, n, V)
+
+
+def reference_kl(prompts: list, responses: list, policy_logp: torch.Tensor, actors: Actors, temperature: float,
+                 rows_per_pass: int) -> list[float]:
+    """Σ_t KL(π ‖ π_ref) per response, π given as log-probs (b, n, V) kept while decoding, π_ref from packed
+    reference passes of `rows_per_pass` rows over prompt + response."""
+    kls = []
+    for s in range(0, len(prompts), rows_per_pass):
+        rows = slice(s, s + rows_per_pass)
+        packed = pack(prompts[rows], responses[rows], actors.device.where)
+        R = packed.response_ids.shape[1]
+        with torch.no_grad():
+            ref = torch.log_softmax(reference_response_logits(actors, packed, temperature), dim=-1)  # (r, R, V)
+            kl = kl_from_logprobs(policy_logp[rows, :R], ref) * packed.response_mask  # (r, R)
+        kls.extend(float(x) for x in kl.sum(-1))
+    return kls
 
 
 def preallocated_cache(config, capacity: int):
     """A KV cache that writes each step into buffers sized for the whole generation. transformers' DynamicCache
     concatenates, copying the whole cache of every layer at every step (quadratic in length); on CPU that copy and
-    its fresh allocation were ~a tenth of each decode step here. Same keys and values, same attention."""
-    from transformers.cache_utils import Cache, DynamicLayer
+    its fresh allocation were ~a tenth of each decode step here. Same keys and values, same attention.
+    None for models with sliding-window layers (they keep transformers' own cache)."""
+    from transformers.cache_utils import Cache
 
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
-        return None  # sliding-window layers keep their own cache: transformers' default
+    if not full_attention_only(config):
+        return None
+    layer = preallocated_layer_class()
+    return Cache(layers=[layer(capacity) for _ in range(config.num_hidden_layers)])
+
+
+def assemble_cache(parts: list, b: int, P: int, capacity: int):
+    """One chunk cache from the caches of its prefill passes: part (rows, start, cache) holds rows' keys/values
+    for columns start..P-1; the other slots are zeros (masked: a finite fill, since p·V with p = 0 must stay 0)."""
+    from transformers.cache_utils import Cache
+
+    layer = preallocated_layer_class()
+    layers = []
+    for i in range(len(parts[0][2].layers)):
+        first = parts[0][2].layers[i].keys  # (r, hk, n, d)
+        shape = (b, first.shape[1], max(capacity, P), first.shape[3])
+        keys, values = first.new_zeros(shape), first.new_zeros(shape)
+        for rows, start, part in parts:
+            keys[rows, :, start:P] = part.layers[i].keys
+            values[rows, :, start:P] = part.layers[i].values
+        layers.append(layer.adopt(keys, values, P))
+    return Cache(layers=layers)
+
+
+def preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+
+        @classmethod
+        def adopt(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> "PreallocatedLayer":
+            """A layer over given (b, hk, capacity, d) buffers whose first `length` slots are filled."""
+            layer = cls(keys.shape[-2])
+            layer.lazy_initialization(keys, values)
+            layer.buffers, layer.length = (keys, values), length
+            layer.keys, layer.values = (buf[..., :length, :] for buf in layer.buffers)
+            return layer
+
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-                shape = (*key_states.shape[:-2], max(capacity, key_states.shape[-2]), key_states.shape[-1])
+                shape = (*key_states.shape[:-2], max(self.capacity, key_states.shape[-2]), key_states.shape[-1])
                 self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
                 self.length = 0
                 self.keys, self.values = (b[..., :0, :] for b in self.buffers)
@@ -143,7 +293,7 @@ def preallocated_cache(config, capacity: int):
             self.keys, self.values = (b[..., :self.length, :] for b in self.buffers)
             return self.keys, self.values
 
-    return Cache(layers=[PreallocatedLayer() for _ in range(config.num_hidden_layers)])
+    return PreallocatedLayer
 
 
 @contextlib.contextmanager

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Callable
+
+from rlhf.runtime.log import log
 
 EXPECTED_ERRORS_EXIT = 2
 
@@ -42,7 +45,10 @@ def _run(main: Callable[..., object], argv: list[str], params_file: Path, args: 
         import torch
 
         torch.set_num_threads(params.runtime.threads)
+    start = time.perf_counter()
     main(params, *args)
+    # One wall-time line per stage (after its own line): what `dvc repro` spent where, for the user to read.
+    log(f"{' '.join([Path(argv[0]).stem, *args])}: stage took {time.perf_counter() - start:.1f} s")
     return 0
 
 
