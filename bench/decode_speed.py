@@ -29,11 +29,20 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 os.chdir(sys.argv[2])
 n, chunk, reps_seed = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-import pandas as pd, torch
-from rlhf.config.params import load_params
+import pandas as pd, torch, yaml
+from rlhf.config.params import Params, parse_params
 from rlhf.models.checkpoint import load_actors
 from rlhf.models import sampling
-params = load_params("params.yaml")
+
+def known(model, raw):  # the project's params without keys this commit does not know (params added later)
+    out = {}
+    for key, value in raw.items():
+        if key in model.model_fields:
+            sub = model.model_fields[key].annotation
+            out[key] = known(sub, value) if isinstance(value, dict) and hasattr(sub, "model_fields") else value
+    return out
+
+params = parse_params(known(Params, yaml.safe_load(open("params.yaml"))))
 actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False)
 prompts = list(pd.read_parquet(Path(params.paths.prepared) / "train.parquet")["prompt_ids"])[:n]
 kw = {}
