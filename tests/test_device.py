@@ -262,6 +262,10 @@ def test_per_stage_peaks_for_the_mission_configuration():
     raw["critic"]["mode"] = "full"
     full = {name: gib for name, gib, _ in stage_peaks(parse_params(raw), configs)}
     assert full["update"] - peaks["update"] > 0.5e9 * 16 / GiB  # ≥ 0.5 B params × (weights, grads, 2 moments) fp32
+    raw["critic"]["mode"] = "lora"
+    raw["eval"]["max_new_tokens"] = 2000  # the KL's kept log-probs: 64 × 2000 × 151,936 fp32 ≈ 72 GiB, 4× the cache
+    big = {name: gib for name, gib, _ in stage_peaks(parse_params(raw), configs)}
+    assert big["evaluate"] > 64 * 2000 * 151936 * 4 / GiB > peaks["reward"] == peaks["evaluate"]
     table = render_stages(mission, configs)
     assert table.count("\n") == 6 and "| reward | " in table and "fits 24 GB" in table
 

@@ -109,6 +109,13 @@ def stage_peaks(params: Params, configs: Path, prompt_tokens: int = 512) -> list
     reward_stage = reward * bf16 + reward_act
     # Trainable fp32 weights + grads + AdamW's two moments; the frozen base; one pass kept for backward.
     update = base + (c.lora + critic) * fp32 * 4 + activation_bytes(c, r.micro_batch_size, seq, r.max_new_tokens)
+    # Evaluation: the policy decodes a chunk with its KV cache and keeps log π(·|s_t) of every position for the
+    # KL (chunk × new tokens × vocabulary, fp32); then packed reference passes; the policy is freed before the RM.
+    e = params.eval
+    eval_seq = prompt_tokens + e.max_new_tokens
+    eval_kv = e.generation_chunk * eval_seq * c.layers * 2 * c.kv_heads * c.head_dim * bf16
+    kept = e.generation_chunk * e.max_new_tokens * c.vocab * fp32
+    eval_policy = base + c.lora * fp32 + eval_kv + kept + max(e.generation_chunk * c.vocab * fp32 * 2, logits)
     return [
         ("rollout", rollout / GiB, f"policy + KV cache of {r.generation_chunk} × {seq} tokens"),
         ("reward", reward_stage / GiB, f"Skywork-Reward-V2-Qwen3-8B bf16 only, {params.reward_model.token_budget} "
@@ -116,7 +123,9 @@ def stage_peaks(params: Params, configs: Path, prompt_tokens: int = 512) -> list
         ("reference", reference / GiB, "policy base (reference = adapter off) + critic, no grads"),
         ("update", update / GiB, f"critic {params.critic.mode}: weights, grads, AdamW moments, one micro-batch's "
                                  "activations"),
-        ("evaluate", max(rollout, reward_stage) / GiB, "policy, freed, then the reward model"),
+        ("evaluate", max(eval_policy, reward_stage) / GiB,
+         f"policy + KV cache of {e.generation_chunk} × {eval_seq} tokens + kept log-probs for the KL "
+         f"({kept / GiB:.2f} GiB), freed; then the reward model"),
     ]
 
 
