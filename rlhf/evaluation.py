@@ -31,8 +31,8 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     rows = [i for i in range(len(prompts)) for _ in range(per_prompt)]  # a prompt's samples side by side
     ids = [prompts["prompt_ids"].iloc[i] for i in rows]
     actors = load_actors(params, state_dir, trainable=False, with_critic=False)
-    # The KL to the reference is summed while decoding (the reference reads the same tokens from its own cache):
-    # no second pass of the policy over prompt + response.
+    # The policy's log-probs for the KL are the sampler's own, kept while decoding; a packed reference pass follows.
+    # No second pass of the policy over prompt + response.
     responses, kls = generate_with_reference_kl(
         actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=derive_seed(params.seed, "eval"),
         chunk_size=cfg.generation_chunk, kl_temperature=cfg.temperature, progress=params.runtime.progress,

@@ -85,13 +85,14 @@ def test_prefill_in_passes_fills_the_cache_as_one_left_padded_pass(project):
         for ours, theirs in zip(lm.cache.layers, whole.cache.layers):
             assert ours.keys.shape == theirs.keys.shape  # (b, hk, P + 1, d)
             P = ids.shape[1]
-            torch.testing.assert_close(ours.keys[:, :, :P].transpose(1, 2)[real], theirs.keys[:, :, :P].transpose(1, 2)[real],
-                                       rtol=0, atol=1e-5)
+            for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                torch.testing.assert_close(a[:, :, :P].transpose(1, 2)[real], b[:, :, :P].transpose(1, 2)[real],
+                                           rtol=0, atol=1e-5)
             assert torch.isfinite(ours.keys).all() and torch.isfinite(ours.values).all()
 
 
 @pytest.mark.parametrize("greedy", [True, False])
-def test_kl_summed_while_decoding_equals_the_exact_kl_pass(project, greedy):
+def test_eval_kl_from_the_samplers_logits_equals_the_exact_kl_pass(project, greedy):
     """The evaluation's KL comes from the sampler's (merged) logits, kept while decoding, and a packed reference
     pass afterwards: it must equal Σ_t KL(π ‖ π_ref) from the packed passes over prompt + response, and the responses must be generate()'s."""
     actors = load_actors(project, Path("state"), trainable=False, with_critic=False)
@@ -99,10 +100,36 @@ def test_kl_summed_while_decoding_equals_the_exact_kl_pass(project, greedy):
     prompts, _ = prompts_and_responses(actors.tokenizer, n=5)
     prompts = [p[: 15 + 7 * i] for i, p in enumerate(prompts)]
     kw = dict(seed=3, chunk_size=3, greedy=greedy, rows_per_pass=2)
+    first = generate(actors, prompts, 6, 0.7, 1.0, **kw)
+    actors.stop_ids = [*actors.stop_ids, first[0][1]]  # row 0 now stops at its 2nd token: pads follow in its row
     plain = generate(actors, prompts, 6, 0.7, 1.0, **kw)
+    assert len(plain[0]) == 2 and max(map(len, plain)) == 6
     responses, kls = generate_with_reference_kl(actors, prompts, 6, 0.7, 1.0, kl_temperature=0.7, **kw)
     assert responses == plain
     with torch.no_grad():
         want = exact_kl(actors, pack(prompts, responses), 0.7).sum(-1)  # (b,)
     assert float(want.min()) > 0  # the adapter moved the policy: a wrong pairing of positions would show
     torch.testing.assert_close(torch.tensor(kls, dtype=torch.float32), want, rtol=1e-4, atol=1e-5)
+
+
+def test_with_a_bf16_base_the_kl_decodes_through_the_unmerged_adapter(project, tiny_policy, tiny_reward, monkeypatch):
+    """A bf16 merge W + (α/r)·BA rounds small adapter elements away: the KL must measure the adapter itself."""
+    import rlhf.models.sampling as sampling
+    from conftest import tiny_params
+    from rlhf.config.params import parse_params
+
+    params = parse_params(tiny_params(tiny_policy, tiny_reward, policy_model={"dtype": "bfloat16"}))
+    actors = load_actors(params, Path("state"), trainable=False, with_critic=False)
+    perturb_adapter(actors)
+    prompts, _ = prompts_and_responses(actors.tokenizer)
+    merges = []
+    real_merge = sampling.merged_policy
+    monkeypatch.setattr(sampling, "merged_policy", lambda a: merges.append(1) or real_merge(a))
+    generate(actors, prompts, 4, 0.7, 1.0, seed=0, chunk_size=3, greedy=True)
+    assert merges == [1]  # plain sampling still merges
+    responses, kls = generate_with_reference_kl(actors, prompts, 4, 0.7, 1.0, seed=0, chunk_size=3, greedy=True,
+                                                kl_temperature=0.7, rows_per_pass=2)
+    assert merges == [1]
+    with torch.no_grad():
+        want = exact_kl(actors, pack(prompts, responses), 0.7).sum(-1)  # (b,)
+    torch.testing.assert_close(torch.tensor(kls, dtype=torch.float32), want.float(), rtol=0.1, atol=1e-3)

@@ -63,18 +63,20 @@ class CachedLM:
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 rows_per_pass: int) -> torch.Tensor:
-        """Logits of the first new token, (b, V). Rows are sorted by length; each pass of `rows_per_pass` rows
+        """Logits of the first new token, (b, V). Expects rows sorted by length: each pass of `rows_per_pass` rows
         drops the columns that are padding in all of its rows (a quarter of the tokens of a 32-prompt TL;DR chunk
-        padded to its longest prompt are padding), and its keys/values are written right-aligned into the chunk's
-        cache, where the decode steps see exactly the left-padded layout (pad slots hold zeros and are masked)."""
+        padded to its longest prompt are padding), and its keys/values are copied right-aligned into the chunk's
+        cache, where the decode steps see exactly the left-padded layout (pad slots hold zeros and are masked).
+        At most one pass's cache exists besides the chunk's."""
         b, P = ids.shape
         if rows_per_pass >= b or not full_attention_only(self.model.config):
             self.cache = preallocated_cache(self.model.config, self.capacity)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self.kwarg: self.cache})
-            self.cache = out.past_key_values if self.cache is None else self.cache  # sliding windows: theirs
+            if self.cache is None:  # sliding windows: transformers' own cache (`cache` from 5.24 on)
+                self.cache = getattr(out, "cache", None) or out.past_key_values
             return out.logits[:, -1]
-        logits, parts = [], []
+        logits, buffers = [], []
         real = mask.sum(-1)  # (b,)
         for s in range(0, b, rows_per_pass):
             rows = slice(s, min(b, s + rows_per_pass))
@@ -84,8 +86,13 @@ class CachedLM:
                              position_ids=positions[rows, start:], use_cache=True, logits_to_keep=1,
                              **{self.kwarg: part})
             logits.append(out.logits[:, -1])
-            parts.append((rows, start, part))
-        self.cache = assemble_cache(parts, b, P, self.capacity)
+            for i, layer in enumerate(part.layers):
+                if len(buffers) <= i:  # (b, hk, capacity, d), zeros: a finite fill, since p·V with p = 0 must stay 0
+                    shape = (b, layer.keys.shape[1], max(self.capacity, P), layer.keys.shape[3])
+                    buffers.append((layer.keys.new_zeros(shape), layer.values.new_zeros(shape)))
+                buffers[i][0][rows, :, start:P] = layer.keys
+                buffers[i][1][rows, :, start:P] = layer.values
+        self.cache = adopted_cache(buffers, P)
         return torch.cat(logits)
 
     def step(self, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -153,8 +160,8 @@ def generate_with_reference_kl(
 ) -> tuple[list[list[int]], list[float]]:
     """generate(), and along each response Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)) at `kl_temperature`, exact over the
     vocabulary. π's distributions are the sampler's own logits, kept while decoding (chunk × new tokens × vocabulary
-    fp32 values); π_ref's come from one packed reference pass per `rows_per_pass` rows afterwards. No second policy
-    pass over prompt + response."""
+    fp32 values; with a bf16 base the sampler then runs the unmerged adapter), π_ref's come from one packed reference
+    pass per `rows_per_pass` rows afterwards. No second policy pass over prompt + response."""
     return _generate(actors, prompts, max_new_tokens, temperature, top_p, seed, chunk_size, progress, Dist(), greedy,
                      rows_per_pass, kl_temperature=kl_temperature)
 
@@ -172,12 +179,16 @@ def _generate(actors: Actors, prompts, max_new_tokens: int, temperature: float, 
     mine = dist.mine(list(enumerate(chunks)))
     ticks = bar(sum(len(rows) for _, rows in mine) * max_new_tokens, "generate", "tok", progress)
     model = actors.model.get_base_model()  # with the policy merged in and adapters disabled: the policy
+    # A bf16 merge rounds away every element of (α/r)·BA below half a bf16 step of W (most of them early in training):
+    # fine for drawing samples, not for a KL that should measure the trained adapter. With a bf16 base the KL's
+    # policy therefore decodes through the unmerged adapter.
+    merge = kl_temperature is None or actors.device.autocast_dtype is None
     local: dict[int, tuple[list[int], float | None]] = {}
     for c, rows in mine:
         ids, attn = left_pad([prompts[i] for i in rows], pad, actors.device.where)
         generator = actors.device.generator(derive_seed(seed, "chunk", c))  # noise drawn on the device
         kept = KeptLogprobs(max_new_tokens, kl_temperature) if kl_temperature is not None else None
-        with torch.no_grad(), merged_policy(actors), actors.compute():
+        with torch.no_grad(), merged_policy(actors) if merge else contextlib.nullcontext(), actors.compute():
             out = decode(CachedLM(model, ids.shape[1] + max_new_tokens), ids, attn, max_new_tokens, actors.stop_ids,
                          pad, lambda logits: pick_tokens(logits, temperature, top_p, greedy, generator),
                          rows_per_pass or len(rows), ticks.update, kept or (lambda logits: None))
@@ -242,22 +253,13 @@ def preallocated_cache(config, capacity: int):
     return Cache(layers=[layer(capacity) for _ in range(config.num_hidden_layers)])
 
 
-def assemble_cache(parts: list, b: int, P: int, capacity: int):
-    """One chunk cache from the caches of its prefill passes: part (rows, start, cache) holds rows' keys/values
-    for columns start..P-1; the other slots are zeros (masked: a finite fill, since p·V with p = 0 must stay 0)."""
+def adopted_cache(buffers: list, length: int):
+    """A cache over given per-layer (keys, values) buffers (b, hk, capacity, d) whose first `length` slots are
+    filled."""
     from transformers.cache_utils import Cache
 
     layer = preallocated_layer_class()
-    layers = []
-    for i in range(len(parts[0][2].layers)):
-        first = parts[0][2].layers[i].keys  # (r, hk, n, d)
-        shape = (b, first.shape[1], max(capacity, P), first.shape[3])
-        keys, values = first.new_zeros(shape), first.new_zeros(shape)
-        for rows, start, part in parts:
-            keys[rows, :, start:P] = part.layers[i].keys
-            values[rows, :, start:P] = part.layers[i].values
-        layers.append(layer.adopt(keys, values, P))
-    return Cache(layers=layers)
+    return Cache(layers=[layer.adopt(keys, values, length) for keys, values in buffers])
 
 
 def preallocated_layer_class():

@@ -115,7 +115,9 @@ def stage_peaks(params: Params, configs: Path, prompt_tokens: int = 512) -> list
     eval_seq = prompt_tokens + e.max_new_tokens
     eval_kv = e.generation_chunk * eval_seq * c.layers * 2 * c.kv_heads * c.head_dim * bf16
     kept = e.generation_chunk * e.max_new_tokens * c.vocab * fp32
-    eval_policy = base + c.lora * fp32 + eval_kv + kept + max(e.generation_chunk * c.vocab * fp32 * 2, logits)
+    # the reference pass over one micro-batch: its logits, their log-softmax and the KL's three temporaries
+    eval_reference = r.micro_batch_size * e.max_new_tokens * c.vocab * fp32 * 5
+    eval_policy = base + c.lora * fp32 + eval_kv + kept + max(e.generation_chunk * c.vocab * fp32 * 2, eval_reference)
     return [
         ("rollout", rollout / GiB, f"policy + KV cache of {r.generation_chunk} × {seq} tokens"),
         ("reward", reward_stage / GiB, f"Skywork-Reward-V2-Qwen3-8B bf16 only, {params.reward_model.token_budget} "
