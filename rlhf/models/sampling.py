@@ -10,6 +10,7 @@ prompts, positions counted from each row's first real token, the padding mask gr
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -187,17 +188,18 @@ def _generate(actors: Actors, prompts, max_new_tokens: int, temperature: float, 
     for c, rows in mine:
         ids, attn = left_pad([prompts[i] for i in rows], pad, actors.device.where)
         generator = actors.device.generator(derive_seed(seed, "chunk", c))  # noise drawn on the device
+        per_pass = rows_per_pass or len(rows)
         kept = KeptLogprobs(max_new_tokens, kl_temperature) if kl_temperature is not None else None
         with torch.no_grad(), merged_policy(actors) if merge else contextlib.nullcontext(), actors.compute():
             out = decode(CachedLM(model, ids.shape[1] + max_new_tokens), ids, attn, max_new_tokens, actors.stop_ids,
-                         pad, lambda logits: pick_tokens(logits, temperature, top_p, greedy, generator),
-                         rows_per_pass or len(rows), ticks.update, kept or (lambda logits: None))
+                         pad, lambda logits: pick_tokens(logits, temperature, top_p, greedy, generator), per_pass,
+                         ticks.update, kept or (lambda logits: None))
         responses = []
         for row in out.tolist():  # the artifact boundary
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             responses.append(row[:cut])
-        kls = (reference_kl([prompts[i] for i in rows], responses, kept.logprobs, actors, kl_temperature,
-                            rows_per_pass or len(rows)) if kept else [None] * len(rows))
+        kls = (reference_kl([prompts[i] for i in rows], responses, kept.logprobs, actors, kl_temperature, per_pass)
+               if kept else [None] * len(rows))
         local.update({i: (r, kl) for i, r, kl in zip(rows, responses, kls)})
     ticks.close()
     merged = dist.merge(local)
@@ -262,7 +264,9 @@ def adopted_cache(buffers: list, length: int):
     return Cache(layers=[layer.adopt(keys, values, length) for keys, values in buffers])
 
 
+@functools.cache
 def preallocated_layer_class():
+    """Built on first use (transformers is imported lazily), then the same class for every cache."""
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):

@@ -100,7 +100,10 @@ def stage_peaks(params: Params, configs: Path, prompt_tokens: int = 512) -> list
     full = params.critic.mode == "full"
     critic = (c.base + c.hidden + 1) if full else (critic_lora + c.hidden + 1)  # trainable critic weights, fp32
     base = c.base * bf16
-    kv_cache = r.generation_chunk * seq * c.layers * 2 * c.kv_heads * c.head_dim * bf16
+    def kv_cache_bytes(rows: int, tokens: int) -> int:  # keys and values of every layer, bf16
+        return rows * tokens * c.layers * 2 * c.kv_heads * c.head_dim * bf16
+
+    kv_cache = kv_cache_bytes(r.generation_chunk, seq)
     logits = r.micro_batch_size * r.max_new_tokens * c.vocab * fp32 * 2  # fp32 logits + one (b·R, V) temporary
     rollout = base + c.lora * fp32 + max(kv_cache + r.generation_chunk * c.vocab * fp32 * 2, logits)
     reference = base + (c.lora + critic) * fp32 + logits
@@ -113,7 +116,7 @@ def stage_peaks(params: Params, configs: Path, prompt_tokens: int = 512) -> list
     # KL (chunk × new tokens × vocabulary, fp32); then packed reference passes; the policy is freed before the RM.
     e = params.eval
     eval_seq = prompt_tokens + e.max_new_tokens
-    eval_kv = e.generation_chunk * eval_seq * c.layers * 2 * c.kv_heads * c.head_dim * bf16
+    eval_kv = kv_cache_bytes(e.generation_chunk, eval_seq)
     kept = e.generation_chunk * e.max_new_tokens * c.vocab * fp32
     # the reference pass over one micro-batch: its logits, their log-softmax and the KL's three temporaries
     eval_reference = r.micro_batch_size * e.max_new_tokens * c.vocab * fp32 * 5
