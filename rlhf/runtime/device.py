@@ -127,6 +127,18 @@ def matmul_gflops(dtype: torch.dtype, size: int = 1024, budget_s: float = 0.5) -
     return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+def read_bandwidth_gbs(megabytes: int = 512, budget_s: float = 0.5) -> float:
+    """This machine's memory read bandwidth in GB/s (summing a buffer far larger than the caches): the rate at which
+    a decoding step can stream weights, its limit when it multiplies few rows."""
+    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    x.sum()  # warm-up: pages touched, threads started
+    reps, start = 0, time.perf_counter()
+    while reps == 0 or time.perf_counter() - start < budget_s:
+        x.sum()
+        reps += 1
+    return x.numel() * 4 * reps / (time.perf_counter() - start) / 1e9
+
+
 def machine_line() -> str:
     """One line that says how fast this CPU is, for logs and benchmark output."""
     return (f"machine: {os.cpu_count()} CPUs, matmul {matmul_gflops(torch.float32):.0f} GFLOP/s fp32, "
