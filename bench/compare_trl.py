@@ -1,7 +1,10 @@
 """Side by side on the same work: this pipeline (every stage as its own process, model loading included) vs TRL
-1.12's PPOTrainer in its own virtual environment. Prints a table and writes metrics/bench.json.
+1.12's PPOTrainer in its own virtual environment. Prints a table and writes metrics/bench.json; then each of our
+phases next to its limit, measured in the same run: its work (matmul FLOPs from rlhf/reports/flops.py; for the
+generation also the weight bytes its decoding steps read) at this machine's matmul rate and memory read bandwidth.
 
     .venv/bin/python bench/compare_trl.py --reps 3 --trl-reps 3
+    .venv/bin/python bench/compare_trl.py --dtype float32 --reps 1 --trl-reps 0   # our side and its limits only
 
 Same for both: SmolLM2-135M-Instruct policy (converted once), critic initialised from the benchmark reward model
 (SmolLM2 + a seeded score head), that reward model, the same 16 TL;DR prompts, 53 new tokens, temperature 0.7,
@@ -130,6 +133,7 @@ def run_ours(proj: Path) -> dict:
     row["peak_rss_gib"] = row["peak_stage_rss_gib"] + row["warm_process_rss_gib"]
     row["peak_rss_stage"] = max(STAGES, key=lambda s: row[f"{s}_rss_gib"])
     row.update({"generate_s": rollout["generate_seconds"], "generated_tokens_per_s": rollout["generated_tokens_per_s"],
+                "update_compute_s": update["update_seconds"],
                 "first_minibatch_ratio_max_abs_dev": update["first_minibatch/ratio_max_abs_dev"]})
     sh(["rlhf", "warm", "stop"], cwd=proj, env=env())
     return row
@@ -141,12 +145,83 @@ def warm_rss_gib(proj: Path) -> float:
     return sum(float(line.split()[3]) for line in out.splitlines() if line.startswith("pid "))
 
 
-def roofline_gflops() -> float:
+def limits(dtype: str) -> dict:
+    """This machine's limits, measured in the same run: matmul throughput in the benchmark's dtype and in bf16, and
+    the memory read bandwidth a decoding step streams its weights at."""
     import torch
 
-    from rlhf.runtime.device import matmul_gflops
+    from rlhf.runtime.device import matmul_gflops, read_bandwidth_gbs
 
-    return matmul_gflops(torch.bfloat16)
+    return {"matmul_gflops": matmul_gflops(getattr(torch, dtype)), "bf16_matmul_gflops": matmul_gflops(torch.bfloat16),
+            "read_gbs": read_bandwidth_gbs()}
+
+
+def phase_work(proj: Path) -> dict:
+    """The work of each of our phases for this run's rollout (rlhf/reports/flops.py: real tokens, causal
+    attention, logits where they are computed): FLOPs, and for the generation also the weight bytes its decoding
+    steps read (once per step, whatever the number of rows)."""
+    import pandas as pd
+    from transformers import AutoConfig
+
+    from rlhf.config.params import load_params
+    from rlhf.reports.flops import Shape, forward_flops, lora_backward_flops
+
+    params = load_params(proj / "params.yaml")
+    policy = Shape.of(AutoConfig.from_pretrained(proj / params.paths.policy_model))
+    reward = Shape.of(AutoConfig.from_pretrained(proj / params.paths.reward_model))
+    rollout = pd.read_parquet(proj / params.paths.iteration / "rollout.parquet")
+    prompts = [len(p) for p in rollout["prompt_ids"]]
+    responses = rollout["response_length"].tolist()
+    full = [p + r for p, r in zip(prompts, responses)]
+    r_tokens = sum(responses)
+    lora = (params.lora.r, params.lora.target_modules)
+    critic = (params.critic.lora_r, params.lora.target_modules)
+    # Decoding steps: chunks of length-sorted prompts, each decoded until its longest response ends; each step
+    # (and each prefill pass) reads every weight once.
+    order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
+    size, per_pass = params.rollout.generation_chunk, params.rollout.micro_batch_size
+    chunks = [order[s:s + size] for s in range(0, len(order), size)]
+    weight_reads = sum(max(responses[i] for i in c) - 1 + -(-len(c) // per_pass) for c in chunks)
+    element = 2 if params.policy_model.dtype == "bfloat16" else 4
+    generate = forward_flops(policy, [n - 1 for n in full], r_tokens)  # merged policy: no adapter matmuls
+    update_pass = (forward_flops(policy, full, r_tokens, *lora) + lora_backward_flops(policy, full, r_tokens, *lora)
+                   + forward_flops(policy, full, 0, *critic) + lora_backward_flops(policy, full, 0, *critic))
+    return {
+        "generate_flops": generate, "generate_weight_bytes": weight_reads * policy.weight_bytes(element),
+        "logprobs_flops": forward_flops(policy, full, r_tokens, *lora),  # the rollout stage's recomputed log-probs
+        "reward_flops": forward_flops(reward, full, 0),  # ≈: the reward model's own rendering of the same text
+        "reference_flops": forward_flops(policy, full, r_tokens) + forward_flops(policy, full, 0, *critic),
+        "update_flops": params.ppo.epochs * update_pass,
+    }
+
+
+def limit_rows(o: dict, work: dict, lim: dict) -> list[tuple[str, str, float, float]]:
+    """(phase, work, seconds, seconds at the limit) for each phase; a stage's seconds include its start-up."""
+    roof, bw = lim["matmul_gflops"] * 1e9, lim["read_gbs"] * 1e9
+    tflop = lambda f: f"{f / 1e12:.2f} TFLOP"  # noqa: E731
+    gen_flops, gen_bytes = work["generate_flops"], work["generate_weight_bytes"]
+    return [
+        ("generate (decode + prefill)", f"{tflop(gen_flops)} + {gen_bytes / 1e9:.1f} GB of weights read",
+         o["generate_s"], max(gen_flops / roof, gen_bytes / bw)),
+        ("rollout stage minus generate (log-probs; start-up, loading)", tflop(work["logprobs_flops"]),
+         o["rollout_s"] - o["generate_s"], work["logprobs_flops"] / roof),
+        ("reward stage", "≈" + tflop(work["reward_flops"]), o["reward_s"], work["reward_flops"] / roof),
+        ("reference stage (reference log-probs, values)", tflop(work["reference_flops"]), o["reference_s"],
+         work["reference_flops"] / roof),
+        ("update: forward + backward of the epochs (update_seconds)", tflop(work["update_flops"]), o["update_compute_s"],
+         work["update_flops"] / roof),
+        ("update stage (start-up, loading, saving included)", tflop(work["update_flops"]), o["update_s"],
+         work["update_flops"] / roof),
+    ]
+
+
+def limit_table(o: dict, work: dict, lim: dict, dtype: str) -> str:
+    head = ("| our phase | work | s | s at the limit | % of limit |\n|---|---|---:|---:|---:|\n")
+    body = "\n".join(f"| {name} | {w} | {s:.1f} | {at:.1f} | {100 * at / s:.0f}% |"
+                      for name, w, s, at in limit_rows(o, work, lim))
+    return (head + body + f"\n\nlimits measured in this run: {dtype} matmul {lim['matmul_gflops']:.0f} GFLOP/s "
+            f"(bf16 {lim['bf16_matmul_gflops']:.0f}), memory read {lim['read_gbs']:.1f} GB/s; the generation's limit is "
+            "the larger of its FLOPs at the matmul rate and its weight reads at the read rate")
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -200,7 +275,7 @@ NOT_EQUAL = ("not equal by design: TRL trains a full critic (ours: a LoRA adapte
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--trl-reps", type=int, default=3)
+    ap.add_argument("--trl-reps", type=int, default=3, help="0: our side only (not written to metrics/)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -213,21 +288,22 @@ def main() -> None:
         if i < args.trl_reps:
             trl_rows.append(run_trl(proj, args.dtype))
             print(f"TRL run {i + 1}: {trl_rows[-1]['total_s']:.1f} s, {trl_rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
-    o, t = median_row(ours), median_row(trl_rows)
-    roof = roofline_gflops()
-    params_135m = 134.5e6
-    decode_gflops = o["generated_tokens_per_s"] * 2 * params_135m / 1e9
+    o, lim, work = median_row(ours), limits(args.dtype), phase_work(proj)
+    if not trl_rows:  # --trl-reps 0: our side and its limits only; metrics/bench.* keep the last side by side
+        print(f"\nours ({args.dtype}, median of {args.reps}): {o['total_s']:.1f} s, peak RSS {o['peak_rss_gib']:.2f} GiB"
+              "\n\n" + limit_table(o, work, lim, args.dtype))
+        return
+    t = median_row(trl_rows)
     result = {"dtype": args.dtype, "reps_ours": args.reps, "reps_trl": args.trl_reps, "ours": o, "trl": t,
               "ours_runs": ours, "trl_runs": trl_rows,
               "ratio_total": o["total_s"] / t["total_s"], "ratio_peak_rss": o["peak_rss_gib"] / t["peak_rss_gib"],
-              "bf16_matmul_roofline_gflops": roof, "ours_decode_gflops": decode_gflops,
-              "ours_decode_fraction_of_roofline": decode_gflops / roof, "not_equal": NOT_EQUAL}
+              "limits": lim, "work": work,
+              "ours_at_limit": {name: {"s": s, "s_at_limit": at} for name, _, s, at in limit_rows(o, work, lim)},
+              "not_equal": NOT_EQUAL}
     text = table(o, t, args.dtype, (args.reps, args.trl_reps))
-    text += (f"\n\nours/TRL: total wall {result['ratio_total']:.2f}×, peak RSS {result['ratio_peak_rss']:.2f}× "
-             f"(targets ≤ 0.5×); first-minibatch |ratio−1| in ours: {o['first_minibatch_ratio_max_abs_dev']:.1e}\n"
-             f"decode: {decode_gflops:.1f} GFLOP/s (2 × 134.5 M params × tokens/s) of a {roof:.0f} GFLOP/s bf16 matmul "
-             f"roofline measured here ({100 * result['ours_decode_fraction_of_roofline']:.1f}%): sampling 8 sequences "
-             "at a time is bound by per-step overhead and weight traffic, not FLOPs\n" + NOT_EQUAL + "\n")
+    text += (f"\n\nours/TRL: total wall {result['ratio_total']:.2f}×, peak RSS {result['ratio_peak_rss']:.2f}×; "
+             f"first-minibatch |ratio−1| in ours: {o['first_minibatch_ratio_max_abs_dev']:.1e}\n\n"
+             + limit_table(o, work, lim, args.dtype) + "\n\n" + NOT_EQUAL + "\n")
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(result, indent=2))
     (ROOT / "metrics" / "bench.md").write_text(text)

@@ -1,6 +1,7 @@
-"""TRL 1.12 PPOTrainer on the benchmark's work; runs inside the separate TRL venv (see bench/compare_trl.py).
+"""TRL 1.12 PPOTrainer on the benchmark's work, in its own environment: the TRL venv of bench/compare_trl.py (CPU) or
+the bench/.trl-site folder of bench/gpu_check.py --trl (GPU).
 
-Prints one JSON line: wall seconds per phase, peak RSS, generated tokens."""
+Prints one JSON line: wall seconds per phase, peak RSS, peak GPU memory, generated tokens."""
 
 from __future__ import annotations
 
@@ -19,16 +20,21 @@ def main(cfg_path: str) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    import trl
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     import trl.experimental.ppo.ppo_trainer as ppo_module
 
-    torch.set_num_threads(cfg["threads"])
+    device = cfg.get("device", "cpu")
+    if device == "cpu":
+        torch.set_num_threads(cfg["threads"])
     dtype = getattr(torch, cfg["dtype"])
     tokenizer = AutoTokenizer.from_pretrained(cfg["policy"], padding_side="left")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # TRL's TL;DR example: pad ≠ EOS, no resize
     policy = AutoModelForCausalLM.from_pretrained(cfg["policy"], dtype=dtype)
-    value = AutoModelForSequenceClassification.from_pretrained(cfg["reward"], num_labels=1, dtype=dtype)
+    # The critic: compare_trl starts it from the reward model, gpu_check from the policy (a fresh score head).
+    value = AutoModelForSequenceClassification.from_pretrained(cfg.get("value", cfg["reward"]), num_labels=1,
+                                                               dtype=dtype)
     reward = AutoModelForSequenceClassification.from_pretrained(cfg["reward"], num_labels=1, dtype=dtype)
     prompts = pd.read_parquet(cfg["prompts"])["prompt_ids"].tolist()
     dataset = Dataset.from_dict({"input_ids": [list(map(int, p)) for p in prompts]})
@@ -50,7 +56,7 @@ def main(cfg_path: str) -> None:
         response_length=cfg["max_new_tokens"], temperature=cfg["temperature"], stop_token="eos",
         local_rollout_forward_batch_size=cfg["forward_batch"], kl_coef=cfg["kl_coef"], learning_rate=cfg["lr"],
         report_to=[], save_strategy="no", logging_strategy="no", seed=cfg["seed"], bf16=cfg["dtype"] == "bfloat16",
-        use_cpu=True, num_sample_generations=0, missing_eos_penalty=None,
+        use_cpu=device == "cpu", num_sample_generations=0, missing_eos_penalty=None,
     )
     lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
                       target_modules=cfg["targets"], task_type="CAUSAL_LM")
@@ -58,7 +64,10 @@ def main(cfg_path: str) -> None:
                          value_model=value, train_dataset=dataset, peft_config=lora)
     t_train = time.perf_counter()
     trainer.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
     t_end = time.perf_counter()
+    on_gpu = device == "cuda"
     print(json.dumps({
         "system": "trl-1.12 PPOTrainer",
         "load_s": t_loaded - t_start + (t_train - t_loaded),
@@ -67,6 +76,9 @@ def main(cfg_path: str) -> None:
         "total_s": t_end - t_start,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "generated_tokens": len(prompts) * cfg["max_new_tokens"],
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 1024**3 if on_gpu else 0.0,
+        "gpu": torch.cuda.get_device_name() if on_gpu else None,
+        "trl_version": trl.__version__,
     }))
 
 
