@@ -15,6 +15,7 @@ from rlhf.artifacts.schema import read_artifact
 from rlhf.config.params import Eval, Params
 from rlhf.errors import ArtifactError
 from rlhf.models.checkpoint import load_actors
+from rlhf.models.reference_cache import reference_kl, reference_prompt_kv
 from rlhf.models.sampling import contains_stop, generate_with_reference_kl
 from rlhf.models.scorers import load_scorer
 from rlhf.reports import statistics as st
@@ -31,12 +32,7 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     rows = [i for i in range(len(prompts)) for _ in range(per_prompt)]  # a prompt's samples side by side
     ids = [prompts["prompt_ids"].iloc[i] for i in rows]
     actors = load_actors(params, state_dir, trainable=False, with_critic=False)
-    # The policy's log-probs for the KL are the sampler's own, kept while decoding; a packed reference pass follows.
-    # No second pass of the policy over prompt + response.
-    responses, kls = generate_with_reference_kl(
-        actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=derive_seed(params.seed, "eval"),
-        chunk_size=cfg.generation_chunk, kl_temperature=cfg.temperature, progress=params.runtime.progress,
-        greedy=cfg.greedy, rows_per_pass=params.rollout.micro_batch_size)
+    responses, kls = held_out_responses(params, actors, prompts["prompt_ids"].tolist(), ids, rows)
     texts = actors.tokenizer.batch_decode(responses, skip_special_tokens=True)
     eos = [contains_stop(r, actors.stop_ids) for r in responses]
     device = actors.device
@@ -64,6 +60,24 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     metrics.update(comparison_metrics(table, metrics["iteration"], Path(params.paths.metrics) / "samples", cfg,
                                       derive_seed(params.seed, "eval", "bootstrap")))
     return metrics, table
+
+
+def held_out_responses(params: Params, actors, prompt_ids: list, ids: list, rows: list) -> tuple[list, list]:
+    """The summaries of `ids` (row j is held-out prompt rows[j]) and their KL to the reference. π's log-probs are
+    the sampler's own, kept while decoding; π_ref's come from the reference over the responses only, on top of its
+    keys/values of the fixed held-out prompts (computed once, kept in eval.reference_cache; freed on return). No
+    second pass of the policy, no reference pass over the prompts."""
+    cfg, per_pass = params.eval, params.rollout.micro_batch_size
+    kv = reference_prompt_kv(actors, prompt_ids, per_pass, cfg.reference_cache)
+
+    def kl_of(chunk_rows: list, responses: list, kept) -> list:
+        return reference_kl(kv, [rows[j] for j in chunk_rows], [ids[j] for j in chunk_rows], responses, kept, actors,
+                            cfg.temperature, per_pass)
+
+    return generate_with_reference_kl(
+        actors, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=derive_seed(params.seed, "eval"),
+        chunk_size=cfg.generation_chunk, kl_temperature=cfg.temperature, reference_kl=kl_of,
+        progress=params.runtime.progress, greedy=cfg.greedy, rows_per_pass=per_pass)
 
 
 def per_prompt_table(prompts: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:

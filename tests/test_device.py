@@ -266,6 +266,10 @@ def test_per_stage_peaks_for_the_mission_configuration():
     raw["eval"]["max_new_tokens"] = 2000  # the KL's kept log-probs: 64 × 2000 × 151,936 fp32 ≈ 72 GiB, 4× the cache
     big = {name: gib for name, gib, _ in stage_peaks(parse_params(raw), configs)}
     assert big["evaluate"] > 64 * 2000 * 151936 * 4 / GiB > peaks["reward"] == peaks["evaluate"]
+    raw["eval"]["max_new_tokens"] = 53
+    raw["data"]["eval_size"] = 2000  # the reference's keys/values of 2000 prompts × 512 tokens, bf16: 109 GiB
+    many = {name: gib for name, gib, _ in stage_peaks(parse_params(raw), configs)}
+    assert many["evaluate"] > 2000 * 512 * 28 * 2 * 8 * 128 * 2 / GiB > peaks["evaluate"]
     table = render_stages(mission, configs)
     assert table.count("\n") == 6 and "| reward | " in table and "fits 24 GB" in table
 

@@ -7,6 +7,7 @@ import torch
 
 from rlhf.models.checkpoint import load_actors
 from rlhf.models.passes import exact_kl, left_pad, pack
+from rlhf.models.reference_cache import reference_kl, reference_prompt_kv
 from rlhf.models.sampling import (
     CachedLM, generate, generate_with_reference_kl, merged_policy, nucleus_filter, pick_tokens,
 )
@@ -91,10 +92,18 @@ def test_prefill_in_passes_fills_the_cache_as_one_left_padded_pass(project):
             assert torch.isfinite(ours.keys).all() and torch.isfinite(ours.values).all()
 
 
+def reference_kl_over_cached_prompts(actors, prompts, rows_per_pass: int, folder=None):
+    """The evaluation's KL callback: the reference over the responses on top of its cached prompt keys/values."""
+    kv = reference_prompt_kv(actors, prompts, rows_per_pass, folder)
+    return lambda rows, responses, kept: reference_kl(kv, rows, [prompts[i] for i in rows], responses, kept, actors,
+                                                      0.7, rows_per_pass)
+
+
 @pytest.mark.parametrize("greedy", [True, False])
 def test_eval_kl_from_the_samplers_logits_equals_the_exact_kl_pass(project, greedy):
-    """The evaluation's KL comes from the sampler's (merged) logits, kept while decoding, and a packed reference
-    pass afterwards: it must equal Σ_t KL(π ‖ π_ref) from the packed passes over prompt + response, and the responses must be generate()'s."""
+    """The evaluation's KL comes from the sampler's (merged) logits, kept while decoding, and the reference over
+    each response on top of the prompts' cached keys/values: it must equal Σ_t KL(π ‖ π_ref) from the packed
+    passes over prompt + response, and the responses must be generate()'s."""
     actors = load_actors(project, Path("state"), trainable=False, with_critic=False)
     perturb_adapter(actors)
     prompts, _ = prompts_and_responses(actors.tokenizer, n=5)
@@ -104,7 +113,8 @@ def test_eval_kl_from_the_samplers_logits_equals_the_exact_kl_pass(project, gree
     actors.stop_ids = [*actors.stop_ids, first[0][1]]  # row 0 now stops at its 2nd token: pads follow in its row
     plain = generate(actors, prompts, 6, 0.7, 1.0, **kw)
     assert len(plain[0]) == 2 and max(map(len, plain)) == 6
-    responses, kls = generate_with_reference_kl(actors, prompts, 6, 0.7, 1.0, kl_temperature=0.7, **kw)
+    responses, kls = generate_with_reference_kl(actors, prompts, 6, 0.7, 1.0, kl_temperature=0.7,
+                                                reference_kl=reference_kl_over_cached_prompts(actors, prompts, 2), **kw)
     assert responses == plain
     with torch.no_grad():
         want = exact_kl(actors, pack(prompts, responses), 0.7).sum(-1)  # (b,)
@@ -128,7 +138,8 @@ def test_with_a_bf16_base_the_kl_decodes_through_the_unmerged_adapter(project, t
     generate(actors, prompts, 4, 0.7, 1.0, seed=0, chunk_size=3, greedy=True)
     assert merges == [1]  # plain sampling still merges
     responses, kls = generate_with_reference_kl(actors, prompts, 4, 0.7, 1.0, seed=0, chunk_size=3, greedy=True,
-                                                kl_temperature=0.7, rows_per_pass=2)
+                                                kl_temperature=0.7, rows_per_pass=2,
+                                                reference_kl=reference_kl_over_cached_prompts(actors, prompts, 2))
     assert merges == [1]
     with torch.no_grad():
         want = exact_kl(actors, pack(prompts, responses), 0.7).sum(-1)  # (b,)

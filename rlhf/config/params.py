@@ -181,6 +181,16 @@ class Eval(_Section):
     table_rows: int = Field(ge=0)
     bootstrap_resamples: int = Field(ge=100)  # fewer makes the interval's own Monte-Carlo noise visible
     interval_level: float = Field(gt=0, lt=1)
+    # Folder keeping the frozen reference's keys/values over the held-out prompts between iterations
+    # (rlhf/models/reference_cache.py); null: computed at every evaluation
+    reference_cache: str | None = Field(min_length=1)
+
+    @field_validator("reference_cache")
+    @classmethod
+    def _cache_inside_project(cls, value: str | None) -> str | None:
+        if value is not None and (Path(value).is_absolute() or ".." in Path(value).parts):
+            raise ValueError(f"path must be relative and stay inside the project (got {value!r})")
+        return value
 
     @model_validator(mode="after")
     def _one_greedy_summary(self) -> "Eval":

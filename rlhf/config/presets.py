@@ -25,7 +25,8 @@ PRESETS: dict[str, dict] = {
         # stage's 8B weights, so no stage overruns a 24 GB GPU
         "rollout": {"batch_size": 64, "micro_batch_size": 8, "generation_chunk": 64},
         "ppo": {"epochs": 4},
-        "eval": {"generation_chunk": 64},
+        # on a GPU the reference recomputes the prompts' keys/values faster than it reads them back
+        "eval": {"generation_chunk": 64, "reference_cache": None},
         "runtime": {"device": "auto"},
     },
     "embedded": {
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict] = {
         "critic": {"mode": "lora", "lora_r": 32, "lora_alpha": 64},
         "rollout": {"batch_size": 32, "micro_batch_size": 4, "generation_chunk": 32},
         "ppo": {"epochs": 1},
-        "eval": {"generation_chunk": 64},
+        "eval": {"generation_chunk": 64, "reference_cache": ".cache/reference"},
         "runtime": {"device": "auto"},
     },
 }

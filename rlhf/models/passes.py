@@ -4,6 +4,7 @@ for the prompt."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -137,21 +138,27 @@ def exact_kl(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor
     return kl_full(logits, reference_response_logits(actors, packed, temperature)) * packed.response_mask
 
 
-def reference_response_logits(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
-    """The reference's tempered fp32 logits at the response positions, (b, R, V)."""
+@contextlib.contextmanager
+def reference_lm(actors: Actors):
+    """The reference causal LM, inside the numeric context of every pass: a separate model when
+    policy_model.reference names one, else the shared base with the adapters disabled."""
     with actors.compute():
         if actors.reference is not None:
-            return response_logits(actors.reference, packed, temperature)
-        with actors.model.disable_adapter():
-            return response_logits(actors.model.get_base_model(), packed, temperature)
+            yield actors.reference
+        else:
+            with actors.model.disable_adapter():
+                yield actors.model.get_base_model()
+
+
+def reference_response_logits(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
+    """The reference's tempered fp32 logits at the response positions, (b, R, V)."""
+    with reference_lm(actors) as lm:
+        return response_logits(lm, packed, temperature)
 
 
 def reference_logprobs(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor:
-    with actors.compute():
-        if actors.reference is not None:
-            return token_logprobs(actors.reference, packed, temperature)[0]
-        with actors.model.disable_adapter():
-            return token_logprobs(actors.model.get_base_model(), packed, temperature)[0]
+    with reference_lm(actors) as lm:
+        return token_logprobs(lm, packed, temperature)[0]
 
 
 def critic_values(actors: Actors, packed: Packed) -> torch.Tensor:

@@ -16,11 +16,13 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf.models.actors import POLICY_ADAPTER, Actors
-from rlhf.models.passes import left_pad, pack, reference_response_logits
-from rlhf.ppo import kl_from_logprobs
+from rlhf.models.passes import left_pad
 from rlhf.runtime.distributed import Dist
 from rlhf.runtime.progress import bar
 from rlhf.runtime.seeding import derive_seed
+
+# (rows of the prompts, their responses, π's kept log-probs (b, n, V)) → Σ_t KL(π ‖ π_ref) per row
+ReferenceKL = Callable[[list, list, torch.Tensor], list]
 
 
 def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -156,20 +158,23 @@ def generate(
 
 def generate_with_reference_kl(
     actors: Actors, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, chunk_size: int, kl_temperature: float, progress: str = "off", greedy: bool = False,
-    rows_per_pass: int | None = None,
+    seed: int, chunk_size: int, kl_temperature: float, reference_kl: ReferenceKL, progress: str = "off",
+    greedy: bool = False, rows_per_pass: int | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """generate(), and along each response Σ_t KL(π(·|s_t) ‖ π_ref(·|s_t)) at `kl_temperature`, exact over the
     vocabulary. π's distributions are the sampler's own logits, kept while decoding (chunk × new tokens × vocabulary
-    fp32 values; with a bf16 base the sampler then runs the unmerged adapter), π_ref's come from one packed reference
-    pass per `rows_per_pass` rows afterwards. No second policy pass over prompt + response."""
+    fp32 values; with a bf16 base the sampler then runs the unmerged adapter); after each chunk
+    `reference_kl(rows, responses, kept)` sums the KL against π_ref for those rows of `prompts` (the evaluation's
+    runs the reference over the responses only, on its cached prompt keys/values: rlhf/models/reference_cache.py).
+    No second policy pass over prompt + response."""
     return _generate(actors, prompts, max_new_tokens, temperature, top_p, seed, chunk_size, progress, Dist(), greedy,
-                     rows_per_pass, kl_temperature=kl_temperature)
+                     rows_per_pass, kl_temperature=kl_temperature, reference_kl=reference_kl)
 
 
 def _generate(actors: Actors, prompts, max_new_tokens: int, temperature: float, top_p: float, seed: int,
               chunk_size: int, progress: str, dist: Dist, greedy: bool, rows_per_pass: int | None,
-              kl_temperature: float | None) -> tuple[list[list[int]], list[float] | None]:
+              kl_temperature: float | None, reference_kl: ReferenceKL | None = None,
+              ) -> tuple[list[list[int]], list[float] | None]:
     actors.use(POLICY_ADAPTER)
     pad = actors.tokenizer.pad_token_id
     pad = actors.stop_ids[0] if pad is None else pad
@@ -198,8 +203,7 @@ def _generate(actors: Actors, prompts, max_new_tokens: int, temperature: float, 
         for row in out.tolist():  # the artifact boundary
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             responses.append(row[:cut])
-        kls = (reference_kl([prompts[i] for i in rows], responses, kept.logprobs, actors, kl_temperature, per_pass)
-               if kept else [None] * len(rows))
+        kls = reference_kl(rows, responses, kept.logprobs) if kept else [None] * len(rows)
         local.update({i: (r, kl) for i, r, kl in zip(rows, responses, kls)})
     ticks.close()
     merged = dist.merge(local)
@@ -224,22 +228,6 @@ class KeptLogprobs:
     @property
     def logprobs(self) -> torch.Tensor:
         return self.buffer[:, :self.n]  # (b, n, V)
-
-
-def reference_kl(prompts: list, responses: list, policy_logp: torch.Tensor, actors: Actors, temperature: float,
-                 rows_per_pass: int) -> list[float]:
-    """Σ_t KL(π ‖ π_ref) per response, π given as log-probs (b, n, V) kept while decoding, π_ref from packed
-    reference passes of `rows_per_pass` rows over prompt + response."""
-    kls = []
-    for s in range(0, len(prompts), rows_per_pass):
-        rows = slice(s, s + rows_per_pass)
-        packed = pack(prompts[rows], responses[rows], actors.device.where)
-        R = packed.response_ids.shape[1]
-        with torch.no_grad():
-            ref = torch.log_softmax(reference_response_logits(actors, packed, temperature), dim=-1)  # (r, R, V)
-            kl = kl_from_logprobs(policy_logp[rows, :R], ref) * packed.response_mask  # (r, R)
-        kls.extend(float(x) for x in kl.sum(-1))
-    return kls
 
 
 def preallocated_cache(config, capacity: int):

@@ -118,9 +118,12 @@ def stage_peaks(params: Params, configs: Path, prompt_tokens: int = 512) -> list
     eval_seq = prompt_tokens + e.max_new_tokens
     eval_kv = kv_cache_bytes(e.generation_chunk, eval_seq)
     kept = e.generation_chunk * e.max_new_tokens * c.vocab * fp32
-    # the reference pass over one micro-batch: its logits, their log-softmax and the KL's three temporaries
+    # the reference's keys/values of every held-out prompt, held while the policy decodes (reference_cache.py)
+    prompt_kv = kv_cache_bytes(params.data.eval_size, prompt_tokens)
+    # the reference pass over one micro-batch's responses: its logits, their log-softmax and the KL's three temporaries
     eval_reference = r.micro_batch_size * e.max_new_tokens * c.vocab * fp32 * 5
-    eval_policy = base + c.lora * fp32 + eval_kv + kept + max(e.generation_chunk * c.vocab * fp32 * 2, eval_reference)
+    eval_policy = (base + c.lora * fp32 + eval_kv + kept + prompt_kv
+                   + max(e.generation_chunk * c.vocab * fp32 * 2, eval_reference))
     return [
         ("rollout", rollout / GiB, f"policy + KV cache of {r.generation_chunk} × {seq} tokens"),
         ("reward", reward_stage / GiB, f"Skywork-Reward-V2-Qwen3-8B bf16 only, {params.reward_model.token_budget} "
@@ -130,7 +133,8 @@ def stage_peaks(params: Params, configs: Path, prompt_tokens: int = 512) -> list
                                  "activations"),
         ("evaluate", max(eval_policy, reward_stage) / GiB,
          f"policy + KV cache of {e.generation_chunk} × {eval_seq} tokens + kept log-probs for the KL "
-         f"({kept / GiB:.2f} GiB), freed; then the reward model"),
+         f"({kept / GiB:.2f} GiB) + the reference's keys/values of the {params.data.eval_size} held-out prompts "
+         f"({prompt_kv / GiB:.2f} GiB), freed; then the reward model"),
     ]
 
 
