@@ -164,6 +164,7 @@ def phase_work(proj: Path) -> dict:
     from transformers import AutoConfig
 
     from rlhf.config.params import load_params
+    from rlhf.models.passes import length_sorted_groups
     from rlhf.reports.flops import Shape, forward_flops, lora_backward_flops
 
     params = load_params(proj / "params.yaml")
@@ -178,9 +179,9 @@ def phase_work(proj: Path) -> dict:
     critic = (params.critic.lora_r, params.lora.target_modules)
     # Decoding steps: chunks of length-sorted prompts, each decoded until its longest response ends; each step
     # (and each prefill pass) reads every weight once.
-    order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
-    size, per_pass = params.rollout.generation_chunk, params.rollout.micro_batch_size
-    chunks = [order[s:s + size] for s in range(0, len(order), size)]
+    chunk_of = length_sorted_groups(prompts, params.rollout.generation_chunk)  # the sampler's chunks
+    chunks = [[i for i, c in enumerate(chunk_of) if c == k] for k in range(max(chunk_of) + 1)]
+    per_pass = params.rollout.micro_batch_size
     weight_reads = sum(max(responses[i] for i in c) - 1 + -(-len(c) // per_pass) for c in chunks)
     element = 2 if params.policy_model.dtype == "bfloat16" else 4
     generate = forward_flops(policy, [n - 1 for n in full], r_tokens)  # merged policy: no adapter matmuls
@@ -198,7 +199,9 @@ def phase_work(proj: Path) -> dict:
 def limit_rows(o: dict, work: dict, lim: dict) -> list[tuple[str, str, float, float]]:
     """(phase, work, seconds, seconds at the limit) for each phase; a stage's seconds include its start-up."""
     roof, bw = lim["matmul_gflops"] * 1e9, lim["read_gbs"] * 1e9
-    tflop = lambda f: f"{f / 1e12:.2f} TFLOP"  # noqa: E731
+    def tflop(flops: int) -> str:
+        return f"{flops / 1e12:.2f} TFLOP"
+
     gen_flops, gen_bytes = work["generate_flops"], work["generate_weight_bytes"]
     return [
         ("generate (decode + prefill)", f"{tflop(gen_flops)} + {gen_bytes / 1e9:.1f} GB of weights read",

@@ -60,7 +60,7 @@ def forward_flops(shape: Shape, lengths: Sequence[int], logit_positions: int, lo
                   lora_targets: Sequence[str] = ()) -> int:
     """One forward over sequences of `lengths` tokens, the LM head at `logit_positions` of them (0 for a backbone
     pass: a value or reward head of one output is negligible)."""
-    per_token = 2 * shape.linear_params() + (lora_flops_per_token(shape, lora_r, lora_targets) if lora_r else 0)
+    per_token = 2 * shape.linear_params() + lora_flops_per_token(shape, lora_r, lora_targets)
     return (sum(lengths) * per_token + sum(attention_flops(shape, n) for n in lengths)
             + 2 * shape.hidden * shape.vocab * logit_positions)
 
