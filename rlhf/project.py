@@ -100,6 +100,10 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     if not Path(params.paths.policy_model).exists():
         raise StateError(f"{params.paths.policy_model} missing: run `dvc repro policy_model` first")
     from rlhf.models.checkpoint import init_state  # torch: imported only by the commands that make models
+    from rlhf.models.start import sft_fingerprint, sft_record
+
+    if params.sft.enabled and sft_record(Path(params.paths.sft)) is None:
+        raise StateError(f"sft.enabled, but {params.paths.sft} holds no SFT adapter: run `dvc repro sft` first")
 
     tmp = fresh_tmp_dir(current)
     try:
@@ -107,7 +111,8 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused or interrupted init leaves nothing behind
         raise
-    write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed, "kl_coef": params.kl.coef})
+    write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed, "kl_coef": params.kl.coef,
+                                  "sft": sft_fingerprint(Path(params.paths.sft))})  # the start its adapters sit on
     replace_dir(tmp, current)
     log(f"init: iteration 0 written to {current}")
     metrics_dir = Path(params.paths.metrics)
@@ -208,7 +213,7 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
     if commit_each:
         check_tags_free(planned_tags(params, iterations, tag_prefix), force_tags)
     start = time.perf_counter()
-    dvc("repro", "prepare", "reward_model")
+    dvc("repro", "prepare", "reward_model", "sft")
     if not (Path(params.paths.current) / STATE_FILE).exists():
         init(params)
         if commit_each:

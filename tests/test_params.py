@@ -24,6 +24,12 @@ def with_change(path: str, value):
 
 BAD = [
     ("ppo.clip_eps", 0, "ppo.clip_eps"),
+    ("sft.examples", 0, "sft.examples"),
+    ("sft.epochs", 0, "sft.epochs"),
+    ("sft.lr", 0, "sft.lr"),
+    ("sft.batch_size", 6, "sft.batch_size"),  # not divisible by sft.micro_batch_size (4)
+    ("sft.max_grad_norm", 0, "sft.max_grad_norm"),
+    ("paths.sft", "", "paths.sft"),
     ("ppo.clip_eps", -0.1, "ppo.clip_eps"),
     ("gae.lam", 1.5, "gae.lam"),
     ("gae.lam", -0.1, "gae.lam"),

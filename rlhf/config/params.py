@@ -38,6 +38,7 @@ class Paths(_Section):
     current: str = NonEmpty
     next: str = NonEmpty
     prepared: str = NonEmpty
+    sft: str = NonEmpty
     iteration: str = NonEmpty
     metrics: str = NonEmpty
 
@@ -106,6 +107,25 @@ class Critic(_Section):
     # Small on purpose: with a random head of std 1/sqrt(d) the initial values have std ~ |h|/sqrt(d) ≫ the reward's,
     # and with λ≈1 that noise, not the score, would drive the first updates.
     head_init_std: float = Field(ge=0)
+
+
+class Sft(_Section):
+    # The optional warm start before PPO: LoRA fine-tuning of the policy on the human summaries of the training
+    # prompts (rlhf/training/sft.py), merged into the base that the policy, reference and critic share.
+    enabled: bool
+    examples: int | None = Field(ge=1)  # training prompts used (a seeded shuffle's first); null: all
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # examples per optimizer step
+    micro_batch_size: int = Field(ge=1)  # examples per forward pass
+    lr: float = Field(gt=0)
+    max_grad_norm: float | None = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _whole_micro_batches(self) -> "Sft":
+        if self.batch_size % self.micro_batch_size != 0:
+            raise ValueError(f"sft.batch_size: must be divisible by sft.micro_batch_size = {self.micro_batch_size} "
+                             f"(got {self.batch_size})")
+        return self
 
 
 class Rollout(_Section):
@@ -220,6 +240,7 @@ class Params(_Section):
     data: Data
     lora: Lora
     critic: Critic
+    sft: Sft
     rollout: Rollout
     kl: KL
     shaping: Shaping

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf.artifacts.files import fresh_tmp_dir, replace_dir, write_json
+from rlhf.artifacts.files import fresh_tmp_dir, read_state, replace_dir, write_json
 from rlhf.config.params import Params
 from rlhf.errors import ModelError
 from rlhf.models.actors import CRITIC_ADAPTER, POLICY_ADAPTER, Actors, hidden_size, lora_config, quiet_peft_wrap
 from rlhf.models.sources import _from_pretrained, load_causal_lm, load_tokenizer, stop_token_ids
+from rlhf.models.start import check_same_start, load_policy_start
 from rlhf.runtime.device import Device, resolve_device
 
 OPTIMIZER_DIR = "optimizer"
@@ -51,8 +52,8 @@ def init_state(params: Params, out_dir: Path) -> None:
     nn.init.normal_(head.weight, std=params.critic.head_init_std)
     nn.init.zeros_(head.bias)
     save_value_head(head, out_dir / CRITIC_ADAPTER)
-    if params.critic.mode == "full":
-        full = load_causal_lm(base_dir, "float32", params.policy_model.trust_remote_code)
+    if params.critic.mode == "full":  # the critic's backbone is the policy's start (the SFT model with sft on)
+        full = load_policy_start(base_dir, Path(params.paths.sft), "float32", params.policy_model.trust_remote_code)
         full.get_decoder().save_pretrained(out_dir / CRITIC_ADAPTER / "backbone", safe_serialization=True)
 
 
@@ -60,7 +61,7 @@ def save_adapters(model: nn.Module, folder: Path, adapters: list[str] | None = N
     """peft's save_pretrained, with adapter_config.json made byte-stable (peft writes target_modules from a set,
     in hash order), so identical training gives identical files and DVC sees no change."""
     model.save_pretrained(folder, selected_adapters=adapters)
-    for config_file in Path(folder).glob("*/adapter_config.json"):
+    for config_file in [*Path(folder).glob("adapter_config.json"), *Path(folder).glob("*/adapter_config.json")]:
         config = json.loads(config_file.read_text())
         if isinstance(config.get("target_modules"), list):
             config["target_modules"] = sorted(config["target_modules"])
@@ -91,9 +92,10 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
     pm = params.policy_model
     device = device or resolve_device(params.runtime.device, pm.dtype)
     attention = device.attention(pm.attention)
-    base_dir = Path(params.paths.policy_model)
+    base_dir, sft_dir = Path(params.paths.policy_model), Path(params.paths.sft)
+    check_same_start(read_state(state_dir), sft_dir, state_dir)
     tokenizer = load_tokenizer(base_dir)
-    base = load_causal_lm(base_dir, device.dtype, pm.trust_remote_code, attention)
+    base = load_policy_start(base_dir, sft_dir, device.dtype, pm.trust_remote_code, attention)
     check_target_modules(base, params.lora.target_modules)
     # Not low_cpu_mem_usage: that builds the adapters empty in the base dtype and fills them from the files, so with
     # a bf16 base the fp32 master weights came back rounded to bf16 at every iteration boundary. Built in fp32

@@ -1,5 +1,6 @@
 """`rlhf export`: ship a trained policy as (a) a peft adapter folder and (b) a merged model folder,
-W' = W + (α/r)·B·A, that plain `AutoModelForCausalLM.from_pretrained` loads."""
+W' = W + (α/r)·B·A, that plain `AutoModelForCausalLM.from_pretrained` loads. With an SFT warm start the adapter is
+the SFT adapter and the PPO adapter stacked into one (rank r_sft + r), so both folders apply to the plain base."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rlhf.artifacts.files import fresh_tmp_dir, read_state, replace_dir
 from rlhf.runtime.log import log
 from rlhf.models.actors import POLICY_ADAPTER, quiet_peft_wrap
 from rlhf.models.sources import load_causal_lm, load_tokenizer
+from rlhf.models.start import check_same_start, sft_record, stacked_adapter
 from rlhf.reports import model_card
 from rlhf.config.params import Params
 
@@ -23,7 +25,11 @@ def run(params: Params, state_dir: Path, out_dir: Path, dtype: str = "float32") 
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     iteration = read_state(state_dir)["iteration"]
     tmp = fresh_tmp_dir(out_dir)
-    shutil.copytree(state_dir / POLICY_ADAPTER, tmp / "adapter")
+    if sft_record(Path(params.paths.sft)) is None:
+        shutil.copytree(state_dir / POLICY_ADAPTER, tmp / "adapter")
+    else:
+        check_same_start(read_state(state_dir), Path(params.paths.sft), state_dir)
+        stacked_adapter(Path(params.paths.sft), state_dir / POLICY_ADAPTER, tmp / "adapter")
     config_file = tmp / "adapter" / "adapter_config.json"
     config = json.loads(config_file.read_text())
     # the hub id users will load it on (the embedded base's is its hub original's)
@@ -33,7 +39,7 @@ def run(params: Params, state_dir: Path, out_dir: Path, dtype: str = "float32") 
     base_dir = Path(params.paths.policy_model)
     base = load_causal_lm(base_dir, dtype)
     with quiet_peft_wrap():
-        merged = PeftModel.from_pretrained(base, state_dir / POLICY_ADAPTER).merge_and_unload()
+        merged = PeftModel.from_pretrained(base, tmp / "adapter").merge_and_unload()
     merged.save_pretrained(tmp / "merged", safe_serialization=True)
     load_tokenizer(base_dir).save_pretrained(tmp / "merged")
     gen_config = base_dir / "generation_config.json"

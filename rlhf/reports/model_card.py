@@ -97,6 +97,16 @@ def reward_caveat(params: Params) -> str:
     return f"The reward is `{rm.id}` (`reward_model.kind: {rm.kind}`); the policy inherits its biases."
 
 
+def sft_line(params: Params) -> str:
+    from rlhf.models.start import sft_record
+
+    record = sft_record(Path(params.paths.sft))
+    if record is None:
+        return "warm start: none (PPO from the base model)"
+    return (f"warm start: SFT on {record['examples']} human TL;DRs of training prompts ({record['steps']} steps, "
+            f"lr {params.sft.lr}), a LoRA adapter of the same rank stacked under the PPO adapter: r above is their sum")
+
+
 def render(params: Params, state_dir: Path, adapter_dir: Path, kind: str) -> str:
     """The model card of the exported policy; kind is "adapter" or "merged" (front matter and loading differ)."""
     base = base_model(params)
@@ -121,6 +131,7 @@ optimizer steps: {state.get('global_step', 0)}.
 ## LoRA
 - {', '.join(f'{k}: {v}' for k, v in lora.items())}
 - trainable parameters (policy adapter, counted from `adapter_model.safetensors`): {trainable_count(adapter_dir):,}
+- {sft_line(params)}
 
 ## Data
 {data_section(params)}
