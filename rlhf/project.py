@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from rlhf.artifacts.files import (
-    STATE_FILE, atomic_write_text, fresh_tmp_dir, read_json, read_state, replace_dir, write_json,
+    STATE_FILE, atomic_write_text, fresh_tmp_dir, read_json, read_state, replace_dir,
 )
 from rlhf.config.params import Params
 from rlhf.errors import StateError
@@ -100,7 +100,7 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     if not Path(params.paths.policy_model).exists():
         raise StateError(f"{params.paths.policy_model} missing: run `dvc repro policy_model` first")
     from rlhf.models.checkpoint import init_state  # torch: imported only by the commands that make models
-    from rlhf.models.start import sft_fingerprint, sft_record
+    from rlhf.models.start import sft_record
 
     if params.sft.enabled and sft_record(Path(params.paths.sft)) is None:
         raise StateError(f"sft.enabled, but {params.paths.sft} holds no SFT adapter: run `dvc repro sft` first")
@@ -111,8 +111,6 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a refused or interrupted init leaves nothing behind
         raise
-    write_json(tmp / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed, "kl_coef": params.kl.coef,
-                                  "sft": sft_fingerprint(Path(params.paths.sft))})  # the start its adapters sit on
     replace_dir(tmp, current)
     log(f"init: iteration 0 written to {current}")
     metrics_dir = Path(params.paths.metrics)

@@ -15,7 +15,7 @@ from conftest import copy_repo, make_project, run, tiny_params
 from rlhf.config.params import load_params, parse_params
 from rlhf.models.sources import load_causal_lm, load_tokenizer
 from rlhf.runtime.device import resolve_device
-from rlhf.training.sft import Example, build_examples, mean_nll, summary_target, target_nll, train
+from rlhf.training.sft import Example, build_examples, mean_nll, target_nll, train
 
 SFT_ON = {"enabled": True, "examples": 8, "epochs": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2,
           "max_grad_norm": 1.0}

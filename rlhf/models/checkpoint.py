@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf.artifacts.files import fresh_tmp_dir, read_state, replace_dir, write_json
+from rlhf.artifacts.files import STATE_FILE, fresh_tmp_dir, read_state, replace_dir, write_json
 from rlhf.config.params import Params
 from rlhf.errors import ModelError
 from rlhf.models.actors import CRITIC_ADAPTER, POLICY_ADAPTER, Actors, hidden_size, lora_config, quiet_peft_wrap
 from rlhf.models.sources import _from_pretrained, load_causal_lm, load_tokenizer, stop_token_ids
-from rlhf.models.start import check_same_start, load_policy_start
+from rlhf.models.start import check_same_start, load_policy_start, sft_fingerprint
 from rlhf.runtime.device import Device, resolve_device
 
 OPTIMIZER_DIR = "optimizer"
@@ -32,7 +32,8 @@ def check_target_modules(model: nn.Module, targets) -> None:
 
 
 def init_state(params: Params, out_dir: Path) -> None:
-    """Iteration 0: a fresh policy adapter (B = 0, so it equals the base), a critic and a seeded value head."""
+    """Iteration 0: a fresh policy adapter (B = 0, so it equals the base), a critic, a seeded value head and
+    state.json (which records the SFT adapter the adapters start on, if any)."""
     from peft import get_peft_model
 
     torch.manual_seed(params.seed)
@@ -55,6 +56,8 @@ def init_state(params: Params, out_dir: Path) -> None:
     if params.critic.mode == "full":  # the critic's backbone is the policy's start (the SFT model with sft on)
         full = load_policy_start(base_dir, Path(params.paths.sft), "float32", params.policy_model.trust_remote_code)
         full.get_decoder().save_pretrained(out_dir / CRITIC_ADAPTER / "backbone", safe_serialization=True)
+    write_json(out_dir / STATE_FILE, {"iteration": 0, "global_step": 0, "seed": params.seed, "kl_coef": params.kl.coef,
+                                      "sft": sft_fingerprint(Path(params.paths.sft))})  # the start its adapters sit on
 
 
 def save_adapters(model: nn.Module, folder: Path, adapters: list[str] | None = None) -> None:

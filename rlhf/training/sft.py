@@ -100,7 +100,7 @@ def train(model, trainable: list[torch.nn.Parameter], examples: Sequence[Example
                     if not torch.isfinite(nll):
                         raise FloatingPointError(f"sft: non-finite loss at step {len(history)}; nothing written")
                     (nll / tokens).backward()
-                    loss_sum += float(nll)
+                    loss_sum += float(nll.detach())
                 norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
                 if not torch.isfinite(norm):
                     raise FloatingPointError(f"sft: non-finite gradient at step {len(history)}; nothing written")
