@@ -144,3 +144,22 @@ def test_with_a_bf16_base_the_kl_decodes_through_the_unmerged_adapter(project, t
     with torch.no_grad():
         want = exact_kl(actors, pack(prompts, responses), 0.7).sum(-1)  # (b,)
     torch.testing.assert_close(torch.tensor(kls, dtype=torch.float32), want.float(), rtol=0.1, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows,out_f,in_f,bias", [(32, 48, 40, False), (8, 400, 40, True), (3, 48, 40, True),
+                                                   (200, 48, 40, False)])
+def test_weight_major_linear_equals_linear_and_is_undone(rows, out_f, in_f, bias):
+    from rlhf.models.sampling import weight_major_linears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=bias), torch.nn.Linear(out_f, in_f))
+    x = torch.randn(rows, 1, in_f)  # (b, 1, in): one decode step's shape
+    want = model(x)
+    with weight_major_linears(model, enabled=True):
+        assert all("forward" in vars(m) for m in model)
+        got = model(x)
+    assert all("forward" not in vars(m) for m in model)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with weight_major_linears(model, enabled=False):
+        assert all("forward" not in vars(m) for m in model)

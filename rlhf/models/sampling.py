@@ -14,6 +14,7 @@ import functools
 from typing import Callable, Sequence
 
 import torch
+from torch.nn import functional as F
 
 from rlhf.models.actors import POLICY_ADAPTER, Actors
 from rlhf.models.passes import left_pad
@@ -195,7 +196,8 @@ def _generate(actors: Actors, prompts, max_new_tokens: int, temperature: float, 
         generator = actors.device.generator(derive_seed(seed, "chunk", c))  # noise drawn on the device
         per_pass = rows_per_pass or len(rows)
         kept = KeptLogprobs(max_new_tokens, kl_temperature) if kl_temperature is not None else None
-        with torch.no_grad(), merged_policy(actors) if merge else contextlib.nullcontext(), actors.compute():
+        with (torch.no_grad(), merged_policy(actors) if merge else contextlib.nullcontext(), actors.compute(),
+              weight_major_linears(model, actors.device.weight_major_decode)):
             out = decode(CachedLM(model, ids.shape[1] + max_new_tokens), ids, attn, max_new_tokens, actors.stop_ids,
                          pad, lambda logits: pick_tokens(logits, temperature, top_p, greedy, generator), per_pass,
                          ticks.update, kept or (lambda logits: None))
@@ -288,6 +290,39 @@ def preallocated_layer_class():
             return self.keys, self.values
 
     return PreallocatedLayer
+
+
+# Rows up to which a projection runs as W·xᵀ: decode steps (one row per sequence of a chunk); prefill and scoring
+# passes have hundreds of rows, where x·Wᵀ is the faster layout.
+WEIGHT_MAJOR_MAX_ROWS = 128
+
+
+def weight_major_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's y = x·Wᵀ + b computed as (W·xᵀ)ᵀ for few rows: the weight is the GEMM's row-major left operand,
+    the layout oneDNN's fp32 kernels stream fastest when x is thin. Same products, another summation order
+    (rounding only); the result is a transposed view, which the decoder's reshapes accept."""
+    rows = x.numel() // x.shape[-1]
+    if rows > WEIGHT_MAJOR_MAX_ROWS or (rows < 16 and module.out_features < 8 * module.in_features):
+        return F.linear(x, module.weight, module.bias)  # below 16 rows only the LM head's shape gains
+    y = torch.mm(module.weight, x.reshape(rows, x.shape[-1]).t())  # (out, rows)
+    if module.bias is not None:
+        y = y + module.bias[:, None]
+    return y.t().reshape(*x.shape[:-1], module.out_features)  # (..., out)
+
+
+@contextlib.contextmanager
+def weight_major_linears(model, enabled: bool):
+    """Every nn.Linear of `model` runs weight_major_forward while inside (per instance; the class is untouched)."""
+    import types
+
+    patched = [m for m in model.modules() if type(m) is torch.nn.Linear] if enabled else []
+    try:
+        for module in patched:
+            module.forward = types.MethodType(weight_major_forward, module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
 
 
 @contextlib.contextmanager

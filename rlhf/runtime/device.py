@@ -59,6 +59,13 @@ class Device:
         return "sdpa" if self.is_cuda else "chunked"
 
     @property
+    def weight_major_decode(self) -> bool:
+        """Decode-step projections as W·xᵀ (sampling.weight_major_linears): faster for oneDNN's fp32 small-row
+        GEMMs on the CPU (measured: 0.34 → 0.19 ms for a 576² projection at 32 rows, 38 → 24 ms for SmolLM2's
+        LM head); cuBLAS and bf16 kernels are left as they are."""
+        return self.type == CPU and self.autocast_dtype is None and self.dtype == "float32"
+
+    @property
     def backend(self) -> str:
         return "nccl" if self.is_cuda else "gloo"
 
