@@ -117,7 +117,7 @@ def test_stacked_adapter_equals_the_two_applied_in_turn(tiny_policy, tmp_path):
     config = json.loads((tmp_path / "stacked" / "adapter_config.json").read_text())
     assert config["r"] == 6 and config["lora_alpha"] == 6
     ids = torch.tensor([[9707, 1879, 11, 1879, 13, 400, 12]])
-    with torch.no_grad():
+    with torch.no_grad(), quiet_peft_wrap():
         first = PeftModel.from_pretrained(load_causal_lm(tiny_policy, "float32"), tmp_path / "first").merge_and_unload()
         in_turn = PeftModel.from_pretrained(first, tmp_path / "second")(input_ids=ids).logits
         stacked = PeftModel.from_pretrained(load_causal_lm(tiny_policy, "float32"), tmp_path / "stacked")(input_ids=ids).logits

@@ -100,7 +100,7 @@ def test_train_without_commit_ignores_tags(repo, monkeypatch):
     git(repo, "tag", "iter-0")
     with pytest.raises(StateError, match="stop"):
         project.train(params(), 1, commit_each=False)
-    assert calls == [("repro", "prepare", "reward_model")]
+    assert calls == [("repro", "prepare", "reward_model", "sft")]
 
 
 def test_cli_train_commit_refuses_in_one_line(repo):
