@@ -77,7 +77,8 @@ def main(params) -> None:
     tmp = fresh_tmp_dir(out)
     save_adapters(model, tmp)
     record = {"enabled": True, "adapter_sha256": adapter_digest(tmp), "examples": len(examples),
-              "steps": len(history), "base": str(base_dir)}
+              "steps": len(history), "base": str(base_dir),
+              "prompt_ids": sorted(e.prompt_id for e in examples)}  # which posts' summaries it learnt from
     write_json(tmp / SFT_FILE, record)
     replace_dir(tmp, out)
     write_loss_curve(history, metrics / "sft_loss.tsv")

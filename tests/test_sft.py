@@ -160,6 +160,10 @@ def test_sft_stage_trains_on_training_prompts_and_lowers_the_held_out_nll(sft_re
     assert metrics["heldout_nll_after"] < metrics["heldout_nll_before"], metrics  # unseen summaries
     assert metrics["train_loss_last_step"] < metrics["train_loss_first_step"]
     assert (sft_repo / "models/sft/adapter_model.safetensors").exists() and record["steps"] == 6
+    train_ids = set(pd.read_parquet(sft_repo / "data/prepared/train.parquet")["prompt_id"])
+    eval_ids = set(pd.read_parquet(sft_repo / "data/prepared/eval.parquet")["prompt_id"])
+    assert len(record["prompt_ids"]) == 8 and set(record["prompt_ids"]) <= train_ids  # never a held-out post
+    assert not set(record["prompt_ids"]) & eval_ids
     curve = (sft_repo / "metrics/sft_loss.tsv").read_text().splitlines()
     assert curve[0] == "step\tloss\tgrad_norm" and len(curve) == 7
     state = json.loads((sft_repo / "models/current/state.json").read_text())
