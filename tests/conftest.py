@@ -30,6 +30,18 @@ def _private_warm_processes(tmp_path_factory):
     os.environ.pop(warm_start.DIR_ENV, None)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny-tensor tests: one thread is as fast, and on a busy machine two spinning OpenMP threads are
+    20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def stage(name: str, *args: str) -> list[str]:
     """The command line of a stage script, runnable from any project folder."""
     return [sys.executable, str(ROOT / "stages" / f"{name}.py"), *args]

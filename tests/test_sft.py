@@ -21,12 +21,7 @@ SFT_ON = {"enabled": True, "examples": 8, "epochs": 3, "batch_size": 4, "micro_b
           "max_grad_norm": 1.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def frame(references: list[str]) -> pd.DataFrame:
