@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from rlhf.artifacts.files import atomic_write_text, read_state, write_json
-from rlhf.artifacts.schema import read_artifact
+from rlhf.artifacts.schema import check_token_ids, read_artifact
 from rlhf.config.params import Eval, Params
 from rlhf.errors import ArtifactError
 from rlhf.models.checkpoint import load_actors
@@ -26,12 +26,14 @@ from rlhf.runtime.seeding import derive_seed
 
 
 def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame]:
-    prompts = read_artifact(Path(params.paths.prepared) / "eval.parquet", "prompts")
+    prompts_path = Path(params.paths.prepared) / "eval.parquet"
+    prompts = read_artifact(prompts_path, "prompts")
     cfg = params.eval
     per_prompt = 1 if cfg.greedy else cfg.samples_per_prompt
     rows = [i for i in range(len(prompts)) for _ in range(per_prompt)]  # a prompt's samples side by side
     ids = [prompts["prompt_ids"].iloc[i] for i in rows]
     actors = load_actors(params, state_dir, trainable=False, with_critic=False)
+    check_token_ids(prompts, prompts_path, actors.vocab_size)
     responses, kls = held_out_responses(params, actors, prompts["prompt_ids"].tolist(), ids, rows)
     texts = actors.tokenizer.batch_decode(responses, skip_special_tokens=True)
     eos = [contains_stop(r, actors.stop_ids) for r in responses]

@@ -11,17 +11,19 @@ def main(params) -> None:
 
     import pandas as pd
 
-    from rlhf.artifacts.schema import read_artifact, write_artifact
+    from rlhf.artifacts.schema import check_token_ids, read_artifact, write_artifact
     from rlhf.models.checkpoint import load_actors
     from rlhf.models.passes import score_references
     from rlhf.runtime.device import resolve_device
     from rlhf.runtime.distributed import init_distributed
     from rlhf.runtime.log import log
 
-    rollout = read_artifact(Path(params.paths.iteration) / "rollout.parquet", "rollout")
+    rollout_path = Path(params.paths.iteration) / "rollout.parquet"
+    rollout = read_artifact(rollout_path, "rollout")
     device = resolve_device(params.runtime.device, params.policy_model.dtype)
     dist = init_distributed(device)
     actors = load_actors(params, Path(params.paths.current), trainable=False, device=device)
+    check_token_ids(rollout, rollout_path, actors.vocab_size)
     ref_logprobs, values = score_references(actors, rollout, params.rollout.temperature, dist)
     del actors
     device.free()

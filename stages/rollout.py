@@ -16,7 +16,7 @@ def main(params) -> None:
     import pandas as pd
 
     from rlhf.artifacts.files import read_state, write_json
-    from rlhf.artifacts.schema import read_artifact, write_artifact
+    from rlhf.artifacts.schema import check_token_ids, read_artifact, write_artifact
     from rlhf.models.checkpoint import load_actors
     from rlhf.models.passes import length_sorted_groups, score_responses
     from rlhf.models.sampling import contains_stop, generate
@@ -28,8 +28,10 @@ def main(params) -> None:
     device = resolve_device(params.runtime.device, params.policy_model.dtype)
     dist = init_distributed(device)
     state = read_state(params.paths.current)
-    batch = read_artifact(Path(params.paths.iteration) / "batch.parquet", "prompts")
+    batch_path = Path(params.paths.iteration) / "batch.parquet"
+    batch = read_artifact(batch_path, "prompts")
     actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False, device=device)
+    check_token_ids(batch, batch_path, actors.vocab_size)
 
     cfg = params.rollout
     start = time.perf_counter()

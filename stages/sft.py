@@ -15,7 +15,7 @@ def main(params) -> None:
     import torch
 
     from rlhf.artifacts.files import fresh_tmp_dir, replace_dir, write_json
-    from rlhf.artifacts.schema import read_artifact
+    from rlhf.artifacts.schema import check_token_ids, read_artifact
     from rlhf.errors import ModelError
     from rlhf.models.actors import install_fused_lora, lora_config, quiet_peft_wrap
     from rlhf.models.checkpoint import check_target_modules, save_adapters
@@ -43,17 +43,20 @@ def main(params) -> None:
     if tokenizer.eos_token_id is None:
         raise ModelError(f"sft: the tokenizer in {base_dir} has no EOS token to end the summaries with")
     max_tokens = params.rollout.max_new_tokens
-    examples, skipped = build_examples(read_artifact(prepared / "train.parquet", "prompts"), tokenizer,
-                                       tokenizer.eos_token_id, max_tokens, cfg.examples,
+    train_prompts, held_out_prompts = (read_artifact(prepared / f"{split}.parquet", "prompts")
+                                       for split in ("train", "eval"))
+    examples, skipped = build_examples(train_prompts, tokenizer, tokenizer.eos_token_id, max_tokens, cfg.examples,
                                        derive_seed(params.seed, "sft-examples"))
-    held_out, held_out_skipped = build_examples(read_artifact(prepared / "eval.parquet", "prompts"), tokenizer,
-                                                tokenizer.eos_token_id, max_tokens, None, 0)
+    held_out, held_out_skipped = build_examples(held_out_prompts, tokenizer, tokenizer.eos_token_id, max_tokens,
+                                                None, 0)
     if not examples:
         raise ModelError(f"sft: no training summary fits rollout.max_new_tokens = {max_tokens} tokens")
 
     torch.manual_seed(derive_seed(params.seed, "sft-init"))
     base = load_causal_lm(base_dir, device.dtype, pm.trust_remote_code, device.attention(pm.attention))
     check_target_modules(base, lora.target_modules)
+    for frame, split in ((train_prompts, "train"), (held_out_prompts, "eval")):
+        check_token_ids(frame, prepared / f"{split}.parquet", base.get_input_embeddings().num_embeddings)
     with quiet_peft_wrap():
         from peft import get_peft_model
 

@@ -14,6 +14,7 @@ def main(params) -> None:
 
     from rlhf import ppo
     from rlhf.artifacts.files import read_state, write_json
+    from rlhf.artifacts.schema import check_token_ids
     from rlhf.models.checkpoint import OPTIMIZER_DIR, load_actors, load_optimizer, save_state
     from rlhf.runtime.device import resolve_device
     from rlhf.runtime.distributed import init_distributed
@@ -34,6 +35,7 @@ def main(params) -> None:
     df = load_batch(params)
     torch.manual_seed(derive_seed(params.seed, "update-init", iteration))
     actors = load_actors(params, current, trainable=True, device=device)
+    check_token_ids(df, Path(params.paths.iteration) / "rollout.parquet", actors.vocab_size)
     if params.lora.dropout > 0:
         actors.model.train()  # LoRA dropout on; the ratio ≡ 1 check then holds only in expectation
     named = trainable_parameters(actors)

@@ -41,5 +41,7 @@ def test_mission_preset_is_one_switch_and_fails_fast_offline(tmp_path):
 
 def test_readme_tables_are_the_generated_ones():
     readme = (ROOT / "README.md").read_text()
-    assert run(["rlhf", "report"], ROOT).stdout.strip() in readme
-    assert run(["rlhf", "params-doc"], ROOT).stdout.strip() in readme
+    for command in (["rlhf", "report"], ["rlhf", "params-doc"]):
+        generated = run(command, ROOT).stdout.strip()
+        assert readme.count(generated) == 1, command  # present, and not pasted twice
+    assert readme.count("Also checked:") == 1

@@ -61,6 +61,15 @@ def test_duplicate_prompts_keep_the_first():
     assert list(out["reference"]) == [" a", " c"] and counts["skipped_duplicate_prompt"] == 1
 
 
+def test_duplicate_source_ids_keep_the_first():
+    """prompt_id keys the held-out comparisons and the SFT record: two posts must never share one."""
+    counts = Counter()
+    rows = frame([[prompt("one"), " a"], [prompt("two"), " b"], [prompt("three"), " c"]]).assign(source_index=[7, 7, 9])
+    out = clean_rows(rows, counts)
+    assert list(out["prompt_id"]) == [7, 9] and list(out["reference"]) == [" a", " c"]
+    assert counts["skipped_duplicate_id"] == 1 and counts["skipped_duplicate_prompt"] == 0
+
+
 def test_control_characters_and_bad_bytes_are_cleaned():
     counts = Counter()
     raw = prompt("bell\x07 and nul\x00 ok").encode() + b" \xff\xfe broken"

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -129,3 +131,14 @@ def test_nan_reward_stops_advantages_and_writes_nothing(project):
     result = run(stage("advantages"), project, check=False)
     assert result.returncode == 2 and "non-finite reward" in result.stderr.strip().splitlines()[-1]
     assert out.read_bytes() == before
+
+
+def test_every_metric_a_stage_writes_is_in_the_readme_glossary(project):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    glossary = readme[readme.index("## Metrics glossary"):readme.index("## Failure behaviour")]
+    names = set(re.findall(r"`([^`]+)`", glossary))
+    prefixes = [n[:-1] for n in names if n.endswith("*")]  # `skipped_*`
+    for name in ("objective", "update", "rollout", "eval", "prepare", "sft"):
+        for key in json.loads((project / "metrics" / f"{name}.json").read_text()):
+            base = re.sub(r"_ci_(low|high)$", "", key)  # a comparison's interval: documented with the comparison
+            assert base in names or any(key.startswith(p) for p in prefixes), f"{name}.json: {key}"

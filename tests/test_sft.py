@@ -222,3 +222,15 @@ def test_sft_off_writes_only_its_record(trained_repo):
     assert sorted(p.name for p in (trained_repo / "models/sft").iterdir()) == ["sft.json"]
     assert json.loads((trained_repo / "metrics/sft.json").read_text()) == {"enabled": False}
     assert json.loads((trained_repo / "models/current/state.json").read_text())["sft"] is None
+
+
+def test_sft_enabled_without_an_adapter_stops_init_and_keeps_the_state(trained_repo, tmp_path):
+    repo = copy_repo(trained_repo, tmp_path / "repo")
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["sft"]["enabled"] = True  # models/sft still holds the "off" record: the sft stage has not run
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    state = (repo / "models/current/state.json").read_bytes()
+    result = run(["rlhf", "init", "--force"], repo, check=False)
+    assert result.returncode == 2
+    assert "sft.enabled, but models/sft holds no SFT adapter: run `dvc repro sft` first" in result.stderr
+    assert (repo / "models/current/state.json").read_bytes() == state

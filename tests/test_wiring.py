@@ -122,21 +122,29 @@ def prepare_iteration(params, seed: int) -> None:
 # --------------------------------------------------------------------------------------------- one PPO step
 
 
-def test_one_ppo_step_follows_the_advantage_and_moves_values_toward_returns(project_dir, tiny_policy, tiny_reward):
-    params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 1, "num_minibatches": 1},
-                         optim={"lr": 1e-2, "critic_lr": 1e-3}, rollout={"batch_size": 8, "micro_batch_size": 2})
+def one_step_setup(params):
+    """Iteration 0 of a tiny project and one minibatch of 8 synthetic rows scored by it: A = +1 on every token of
+    even rows and −1 on odd ones, every return 0.5 above its value. Returns (actors, frame, groups, named, opts)."""
     proj.init(params, evaluate_baseline=False, track=False)
     actors = load_actors(params, Path(params.paths.current), trainable=True)
     df = synthetic_rows(8, seed=1)
     df["logprobs"], _ = score_responses(actors, df, params.rollout.temperature)
     df["ref_logprobs"], df["values"] = score_references(actors, df, params.rollout.temperature)
-    sign = np.where(df["prompt_id"] % 2 == 0, 1.0, -1.0)  # A = +1 on every token of even rows, −1 on odd
+    sign = np.where(df["prompt_id"] % 2 == 0, 1.0, -1.0)
     df["advantages"] = [[s] * n for s, n in zip(sign, df["response_length"])]
-    df["returns"] = [[v + 0.5 for v in row] for row in df["values"]]  # every value 0.5 below its return
+    df["returns"] = [[v + 0.5 for v in row] for row in df["values"]]
     groups = ppo_update.build_groups(df, actors.device.where)
     named = ppo_update.trainable_parameters(actors)
     opts = (ppo_update.make_optimizer(named[0], params.optim.lr, params, actors.device),
             ppo_update.make_optimizer(named[1], params.optim.critic_lr, params, actors.device))
+    return actors, df, groups, named, opts
+
+
+def test_one_ppo_step_follows_the_advantage_and_moves_values_toward_returns(project_dir, tiny_policy, tiny_reward):
+    params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 1, "num_minibatches": 1},
+                         optim={"lr": 1e-2, "critic_lr": 1e-3}, rollout={"batch_size": 8, "micro_batch_size": 2})
+    actors, df, groups, named, opts = one_step_setup(params)
+    sign = np.where(df["prompt_id"] % 2 == 0, 1.0, -1.0)  # as one_step_setup set the advantages
 
     history = ppo_update.ppo_epochs(actors, groups, params, opts, named, 0, Dist(), kl_coef=params.kl.coef)
     assert len(history) == 1 and history[0]["policy/ratio_max_abs_dev"] < 1e-5  # π = π_old at the step
@@ -158,6 +166,24 @@ def test_one_ppo_step_follows_the_advantage_and_moves_values_toward_returns(proj
         gap_before += float(((g.old_values - g.returns).abs() * m).sum())
         gap_after += float(((new_v - g.returns).abs() * m).sum())
     assert value_rise > 0 and gap_after < gap_before  # values rose toward returns 0.5 above them
+
+
+@pytest.mark.parametrize("poison", ["policy loss", "value loss", "policy gradient", "critic gradient"])
+def test_a_non_finite_loss_or_gradient_stops_the_update_naming_it(project_dir, tiny_policy, tiny_reward, poison):
+    params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 1, "num_minibatches": 1},
+                         rollout={"batch_size": 8, "micro_batch_size": 2})
+    actors, _, groups, named, opts = one_step_setup(params)
+    nan = float("nan")
+    first = {"policy": next(iter(named[0].values())), "critic": next(iter(named[1].values()))}
+    if poison == "policy loss":
+        first["policy"].data.fill_(nan)
+    elif poison == "value loss":
+        actors.value_head.weight.data.fill_(nan)
+    else:  # the losses stay finite; only the gradient reaching one tensor is not
+        first[poison.split()[0]].register_hook(lambda grad: torch.full_like(grad, nan))
+    with pytest.raises(FloatingPointError, match=f"update: non-finite {poison} at iteration 0, epoch 0, minibatch 0 "
+                                                 r"\(step 0\); nothing written to models/next"):
+        ppo_update.ppo_epochs(actors, groups, params, opts, named, 0, Dist(), kl_coef=params.kl.coef)
 
 
 def test_entropy_bonus_alone_raises_the_entropy(project_dir, tiny_policy, tiny_reward):
@@ -211,11 +237,12 @@ def naive_advantages(rollout, scores, reference, params, kl_coef):
             last = delta + gamma * lam * last
             a[t] = last
         advantages.append(a), returns.append([x + y for x, y in zip(a, v)])
+    raw_mean = float(np.mean([x for a in advantages for x in a]))
     if params.gae.whiten_advantages:
         flat = np.array([x for a in advantages for x in a])
         mean, std = flat.mean(), math.sqrt(flat.var(ddof=1) + 1e-8)
         advantages = [[(x - mean) / std for x in a] for a in advantages]
-    return kls, rewards, shaped, non_score, advantages, returns
+    return kls, rewards, shaped, non_score, advantages, returns, raw_mean
 
 
 SWITCHES = [
@@ -232,7 +259,8 @@ def test_compute_advantages_matches_naive_loop(whiten_rewards, whiten_advantages
                                       gae={"gamma": 0.9, "lam": 0.8, "whiten_advantages": whiten_advantages}))
     rollout, scores, reference = synthetic_frames(7, seed=3)
     out, metrics = compute_advantages(rollout, scores, reference, params, 0.3)
-    kls, rewards, shaped, non_score, advantages, returns = naive_advantages(rollout, scores, reference, params, 0.3)
+    kls, rewards, shaped, non_score, advantages, returns, raw_mean = naive_advantages(rollout, scores, reference,
+                                                                                      params, 0.3)
     for col, expected in (("kl", kls), ("rewards", rewards), ("advantages", advantages), ("returns", returns)):
         for i, row in enumerate(expected):
             np.testing.assert_allclose(out[col][i], row, rtol=1e-9, atol=1e-9, err_msg=f"{col}, row {i}")
@@ -243,6 +271,9 @@ def test_compute_advantages_matches_naive_loop(whiten_rewards, whiten_advantages
     assert metrics["objective/kl_coef"] == 0.3
     v = np.array([x for row in reference["values"] for x in row])
     ret = np.array([x for row in returns for x in row])
+    assert metrics["val/advantage_mean_raw"] == pytest.approx(raw_mean, rel=1e-9, abs=1e-12)  # before whitening
+    assert metrics["val/return_mean"] == pytest.approx(ret.mean(), rel=1e-9)
+    assert metrics["val/value_mean"] == pytest.approx(v.mean(), rel=1e-9)
     assert metrics["val/explained_variance"] == pytest.approx(1 - np.var(ret - v) / np.var(ret), rel=1e-9)
 
 

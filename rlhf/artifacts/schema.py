@@ -101,7 +101,7 @@ def write_artifact(df: pd.DataFrame, kind: str, path: str | Path) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def read_artifact(path: str | Path, kind: str, vocab_size: int | None = None) -> pd.DataFrame:
+def read_artifact(path: str | Path, kind: str) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: missing {kind} artifact (run the stage that writes it)")
@@ -124,13 +124,18 @@ def read_artifact(path: str | Path, kind: str, vocab_size: int | None = None) ->
             )
     df = table.to_pandas()
     _check_lengths(df, kind, path)
-    if vocab_size is not None:
-        for col in ("prompt_ids", "response_ids"):
-            if col in df.columns:
-                bad = [i for i, ids in enumerate(df[col]) if len(ids) and (min(ids) < 0 or max(ids) >= vocab_size)]
-                if bad:
-                    raise ArtifactError(f"{path}: {col} of row {bad[0]} holds a token id outside [0, {vocab_size})")
     return df
+
+
+def check_token_ids(df: pd.DataFrame, path: str | Path, vocab_size: int) -> None:
+    """Every prompt/response token id indexes the model's embedding: a model stage calls this once the model is
+    loaded, so a file from another tokenizer stops with its row instead of an index error deep in a forward pass."""
+    for col in ("prompt_ids", "response_ids"):
+        if col in df.columns:
+            bad = [i for i, ids in enumerate(df[col]) if len(ids) and (min(ids) < 0 or max(ids) >= vocab_size)]
+            if bad:
+                raise ArtifactError(f"{path}: {col} of row {bad[0]} holds a token id outside the model's "
+                                    f"vocabulary [0, {vocab_size})")
 
 
 def _check_lengths(df: pd.DataFrame, kind: str, path: str | Path) -> None:

@@ -228,7 +228,7 @@ class Runtime(_Section):
     launcher: str = Field(min_length=1)  # runs the data-parallel stages' scripts in dvc.yaml (or torchrun)
     threads: int = Field(ge=0)  # 0: torch's default
     progress: Literal["auto", "on", "off"]
-    warm_start: bool  # model stages fork from one process that has imported torch/transformers (stages/warm.py)
+    warm_start: bool  # model stages fork from one process that has imported torch/transformers (rlhf/runtime/warm_start.py)
     device: Literal["auto", "cpu", "cuda", "meta"]  # auto: CUDA when torch sees it; meta: shapes only (tests)
 
 

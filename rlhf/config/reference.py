@@ -26,9 +26,25 @@ def _constraint(field) -> str:
     return ", ".join(parts)
 
 
+# The validators of rlhf/config/params.py that no single row's type or bounds show.
+ALSO_CHECKED = (
+    "Also checked: `rollout.batch_size` divisible by `rollout.micro_batch_size × ppo.num_minibatches`; "
+    "`sft.batch_size` divisible by `sft.micro_batch_size`; paths (and `eval.reference_cache`) relative and inside "
+    "the project; floats finite; ids, paths and module lists non-empty; `policy_model.instruction` with `{post}` "
+    "exactly once; `kl.estimator: k1` only with `kl.in_reward: true`; `kl.target` only with `kl.coef > 0`; "
+    "`eval.samples_per_prompt: 1` when `eval.greedy`; the embedded MiniLM scorer only as `reward_model.kind: "
+    "similarity`; a linear/cosine schedule's `optim.total_iterations` covering the iterations run (checked by "
+    "`rlhf train` and the update stage); every key present, unknown keys rejected."
+)
+
+
 def _type(ann) -> str:
+    if typing.get_origin(ann) is typing.Annotated:  # constraints show in the "allowed" column, not here
+        return _type(typing.get_args(ann)[0])
     if typing.get_origin(ann) is typing.Literal:
         return "choice"
+    if typing.get_origin(ann) is tuple:  # a YAML list, kept immutable
+        return "list of " + _type(typing.get_args(ann)[0])
     text = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
     return re.sub(r"Literal\[[^\]]*\]", "choice", text).replace(" | ", " or ")
 
@@ -77,7 +93,4 @@ def render(params_file: Path) -> str:
                          f"{comments.get(key, '').replace('|', '/')} |")
 
     walk(Params, "", values)
-    return "\n".join(lines) + "\n\nAlso checked: `rollout.batch_size` divisible by `rollout.micro_batch_size × " \
-                              "ppo.num_minibatches`; paths relative and inside the project; floats finite; ids, paths and module lists " \
-                              "non-empty; `kl.estimator: k1` only with `kl.in_reward: true`; every key present, unknown keys " \
-                              "rejected.\n"
+    return "\n".join(lines) + "\n\n" + ALSO_CHECKED + "\n"

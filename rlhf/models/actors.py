@@ -48,6 +48,11 @@ class Actors:
             for layer in self.tuner_layers:
                 layer.cast_input_dtype_enabled = False
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the ids a token artifact may hold."""
+        return self.model.get_input_embeddings().num_embeddings
+
     def compute(self) -> contextlib.AbstractContextManager:
         """The numeric context of every forward pass (autocast with a bf16 base, see __post_init__). Rollout,
         reference and update all run inside it, so the first-minibatch ratio stays exactly 1."""

@@ -32,6 +32,7 @@ def compute_advantages(rollout: pd.DataFrame, scores: pd.DataFrame, reference: p
     if params.shaping.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = ppo.gae(rewards, values, mask, params.gae.gamma, params.gae.lam)  # (B, T)
+    advantage_mean_raw = float(ppo.masked_mean(advantages, mask))  # before whitening, which makes it 0
     if params.gae.whiten_advantages:
         advantages = ppo.masked_whiten(advantages, mask)
 
@@ -49,7 +50,7 @@ def compute_advantages(rollout: pd.DataFrame, scores: pd.DataFrame, reference: p
         "objective/rlhf_reward": float((shaped + non_score_sum).mean()),
         "val/num_eos_tokens": int(contains_eos.sum()),
         "val/response_length": float(mask.sum(1).mean()),
-        "val/advantage_mean_raw": float(ppo.masked_mean(advantages, mask)),
+        "val/advantage_mean_raw": advantage_mean_raw,
         "val/return_mean": float(ppo.masked_mean(returns, mask)),
         "val/value_mean": float(ppo.masked_mean(values, mask)),
         "objective/kl_coef": float(kl_coef),
