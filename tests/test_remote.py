@@ -1,32 +1,23 @@
-"""Nothing lost across machines: push to the local-folder remote, clone elsewhere, pull, and every tagged
-iteration comes back with nothing to rerun; `dvc gc -T -w` keeps every tagged iteration."""
+"""Nothing lost across machines: `rlhf train --commit --push` pushes each iteration to a local-folder remote as it
+goes; a clone elsewhere pulls every tagged iteration back with nothing to rerun; `dvc gc -T -w` keeps every tagged
+iteration."""
 
 import json
-import shutil
 
 import pytest
 
-from conftest import ran_stages, run
+from conftest import make_project, ran_stages, run, tiny_params
 
 
 @pytest.fixture(scope="module")
-def pushed(tmp_path_factory, trained_repo):
+def pushed(tmp_path_factory, tiny_policy, tiny_reward):
     base = tmp_path_factory.mktemp("remote")
-    repo = base / "repo"
-    shutil.copytree(trained_repo, repo, symlinks=True)
-    # The shipped .dvc/config points the default remote at ../rlhf-dvc-storage, a sibling of the checkout.
-    run(["dvc", "remote", "add", "-f", "-d", "local", "../rlhf-dvc-storage"], repo)
-    run(["git", "commit", "-qam", "remote"], repo)
-    # Push every tagged state from its own checkout (what `rlhf train --commit --push` does as it goes):
-    # `dvc push --all-commits` (dvc 3.67) skipped the older versions of the dvc-added models/current here.
+    repo = make_project(base / "repo", tiny_params(tiny_policy, tiny_reward))
+    # --local (untracked .dvc/config.local), as a user would point the shipped remote elsewhere
     run(["dvc", "remote", "add", "--local", "-f", "-d", "local", str(base / "rlhf-dvc-storage")], repo)
-    for tag in ("iter-0", "iter-1"):
-        run(["git", "checkout", "-q", tag], repo)
-        run(["dvc", "checkout", "--force", "models/current.dvc"], repo)
-        run(["dvc", "push"], repo, check=False)  # iter-0 has no models/next yet: push what exists
-        run(["dvc", "push", "models/current.dvc"], repo)
-    run(["git", "checkout", "-q", "-"], repo)
+    run(["rlhf", "train", "--iterations", "1", "--commit", "--push"], repo)
     assert (base / "rlhf-dvc-storage").is_dir()
+    assert "are in sync" in run(["dvc", "status", "--cloud"], repo).stdout  # the workspace's state is all pushed
     return base, repo
 
 

@@ -93,6 +93,27 @@ def test_training_lowers_the_nll_of_its_summaries_and_touches_only_the_adapter(t
             assert torch.equal(param, frozen[name.replace(".base_layer", "")]), name
 
 
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_stops_sft(tiny_policy, poison):
+    from peft import get_peft_model
+
+    from rlhf.models.actors import lora_config, quiet_peft_wrap
+
+    tok = load_tokenizer(tiny_policy)
+    examples, _ = build_examples(frame([" the cat sat on the mat", " my landlord kept the deposit"]), tok,
+                                 tok.eos_token_id, 16, None, 0)
+    with quiet_peft_wrap():
+        model = get_peft_model(load_causal_lm(tiny_policy, "float32"), lora_config(4, 8, 0.0, ["q_proj"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if poison == "loss":
+        trainable[0].data.fill_(float("nan"))
+    else:  # a finite loss whose gradient is not
+        trainable[0].register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    cfg = parse_params(tiny_params(tiny_policy, tiny_policy, sft=SFT_ON)).sft
+    with pytest.raises(FloatingPointError, match=f"sft: non-finite {poison} at step 0; nothing written"):
+        train(model.get_base_model(), trainable, examples, cfg, resolve_device("cpu", "float32"), 0, "off")
+
+
 def test_stacked_adapter_equals_the_two_applied_in_turn(tiny_policy, tmp_path):
     from peft import PeftModel, get_peft_model
 
