@@ -17,14 +17,13 @@ def main(params) -> None:
     from rlhf.artifacts.files import fresh_tmp_dir, replace_dir, write_json
     from rlhf.artifacts.schema import check_token_ids, read_artifact
     from rlhf.errors import ModelError
-    from rlhf.models.actors import install_fused_lora, lora_config, quiet_peft_wrap
     from rlhf.models.checkpoint import check_target_modules, save_adapters
     from rlhf.models.sources import load_causal_lm, load_tokenizer
     from rlhf.models.start import SFT_FILE, adapter_digest
     from rlhf.runtime.device import resolve_device
     from rlhf.runtime.log import log
     from rlhf.runtime.seeding import derive_seed
-    from rlhf.training.sft import build_examples, mean_nll, train, write_loss_curve
+    from rlhf.training.sft import build_examples, mean_nll, train, with_lora, write_loss_curve
 
     cfg, out, metrics = params.sft, Path(params.paths.sft), Path(params.paths.metrics)
     if not cfg.enabled:
@@ -57,18 +56,7 @@ def main(params) -> None:
     check_target_modules(base, lora.target_modules)
     for frame, split in ((train_prompts, "train"), (held_out_prompts, "eval")):
         check_token_ids(frame, prepared / f"{split}.parquet", base.get_input_embeddings().num_embeddings)
-    with quiet_peft_wrap():
-        from peft import get_peft_model
-
-        model = get_peft_model(base, lora_config(lora.r, lora.alpha, 0.0, lora.target_modules))
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    install_fused_lora(layers)
-    if device.autocast_dtype is not None:  # as in Actors: autocast casts the fp32 adapters, not peft
-        for layer in layers:
-            layer.cast_input_dtype_enabled = False
-    model.to(device.where).eval()  # dropout is off everywhere
+    model = with_lora(base, lora, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     lm = model.get_base_model()
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from rlhf.config.params import Sft
+from rlhf.config.params import Lora, Sft
 from rlhf.models.passes import length_sorted_groups, pack, token_logprobs
 from rlhf.runtime.device import Device
 from rlhf.runtime.progress import bar
@@ -23,6 +23,24 @@ class Example:
     prompt_id: int
     prompt_ids: list[int]
     target_ids: list[int]  # the human summary's tokens + EOS
+
+
+def with_lora(base: torch.nn.Module, lora: Lora, device: Device) -> torch.nn.Module:
+    """The base wrapped in a fresh LoRA adapter (B = 0) of `lora`'s rank and targets, without dropout, on the
+    device, with the fused adapter forward PPO uses."""
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from rlhf.models.actors import install_fused_lora, lora_config, quiet_peft_wrap
+
+    with quiet_peft_wrap():
+        model = get_peft_model(base, lora_config(lora.r, lora.alpha, 0.0, lora.target_modules))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    install_fused_lora(layers)
+    if device.autocast_dtype is not None:  # as in Actors: autocast casts the fp32 adapters, not peft
+        for layer in layers:
+            layer.cast_input_dtype_enabled = False
+    return model.to(device.where).eval()  # dropout is off everywhere
 
 
 def summary_target(tokenizer, text: str, eos_id: int) -> list[int]:
