@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT, full_params
 from rlhf.config.params import ParamsError, parse_params
-from rlhf.data.prompts import clean_rows, tokenize_prompts
+from rlhf.data.prompts import clean_rows, sample_batch, split, tokenize_prompts
 from rlhf.artifacts.schema import ArtifactError
 
 
@@ -131,3 +131,22 @@ def test_chat_prompt_format_uses_qwen3_template_without_thinking(tokenizer):
     text = out.at[0, "prompt"]
     assert text.startswith("<|im_start|>user\nSUBREDDIT: r/test")
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_split_is_disjoint_complete_and_seeded():
+    df = pd.DataFrame({"prompt_id": range(50)})
+    train, held_out = split(df, 8, seed=3)
+    assert len(held_out) == 8 and len(train) == 42
+    assert set(train["prompt_id"]).isdisjoint(held_out["prompt_id"])
+    assert set(train["prompt_id"]) | set(held_out["prompt_id"]) == set(range(50))
+    assert split(df, 8, seed=3)[1].equals(held_out)
+    assert not split(df, 8, seed=4)[1].equals(held_out)
+
+
+def test_each_iteration_samples_its_own_batch_and_the_same_one_again():
+    train = pd.DataFrame({"prompt_id": range(100)})
+    batches = [list(sample_batch(train, 16, seed=42, iteration=i)["prompt_id"]) for i in range(4)]
+    assert all(len(set(b)) == 16 for b in batches)  # no prompt twice in one batch
+    assert len({tuple(b) for b in batches}) == 4  # every iteration its own
+    assert list(sample_batch(train, 16, seed=42, iteration=2)["prompt_id"]) == batches[2]  # a rerun: the same
+    assert list(sample_batch(train, 16, seed=7, iteration=2)["prompt_id"]) != batches[2]

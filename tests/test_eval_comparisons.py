@@ -89,11 +89,22 @@ def _compare(tmp_path, now: dict, archived: dict, iteration: int = 2) -> dict:
 
 
 def test_comparisons_pair_by_prompt_id_not_by_row(tmp_path):
-    now = {"a": 0.5, "b": 0.1, "c": 0.9}
-    got = _compare(tmp_path, now, {0: {"c": 0.8, "a": 0.5, "b": 0.3}, 1: {"b": 0.1, "c": 0.9, "a": 0.2}})
-    assert got["eval/reward_delta_vs_initial"] == pytest.approx((0.0 - 0.2 + 0.1) / 3)
-    assert got["eval/reward_delta_vs_previous"] == pytest.approx(0.3 / 3)
-    assert got["eval/win_rate_vs_initial"] == pytest.approx((0.5 + 0 + 1) / 3)
+    from rlhf.config.params import parse_params
+    from rlhf.reports import statistics as st
+
+    now = {"a": 0.5, "b": 0.1, "c": 0.9, "d": 0.4}
+    initial = {"c": 0.8, "a": 0.5, "d": 0.2, "b": 0.3}
+    got = _compare(tmp_path, now, {0: initial, 1: {"b": 0.1, "d": 0.4, "c": 0.9, "a": 0.2}})
+    assert got["eval/reward_delta_vs_initial"] == pytest.approx((0.0 - 0.2 + 0.1 + 0.2) / 4)
+    assert got["eval/reward_delta_vs_previous"] == pytest.approx(0.3 / 4)
+    assert got["eval/win_rate_vs_initial"] == pytest.approx((0.5 + 0 + 1 + 1) / 4)  # 0.375 if the sides were swapped
+    cfg = parse_params(full_params()).eval
+    ids = list(now)
+    for name, per_prompt in (("reward_delta_vs_initial", [now[k] - initial[k] for k in ids]),
+                             ("win_rate_vs_initial", st.wins([now[k] for k in ids], [initial[k] for k in ids]))):
+        interval = tuple(got[f"eval/{name}{end}"] for end in ("", "_ci_low", "_ci_high"))
+        assert interval == pytest.approx(st.bootstrap_mean(per_prompt, cfg.bootstrap_resamples, 0, cfg.interval_level))
+        assert interval[1] < interval[0] < interval[2], name  # a 95% interval of these values is not a point
 
 
 def test_a_table_over_other_prompts_is_left_out(tmp_path):

@@ -168,6 +168,52 @@ def test_one_ppo_step_follows_the_advantage_and_moves_values_toward_returns(proj
     assert value_rise > 0 and gap_after < gap_before  # values rose toward returns 0.5 above them
 
 
+@pytest.mark.parametrize("in_reward", [True, False])
+def test_minibatch_gradients_equal_those_of_the_losses_written_out(project_dir, tiny_policy, tiny_reward, in_reward):
+    """Off-policy (old log-probs and values perturbed, so both clips are active) with different policy and value
+    clip ranges: the update's accumulated gradients equal those of the PPO losses written out from the papers,
+    normalised by the minibatch's token count; with kl.in_reward false, + β·k3 KL as a loss term."""
+    params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 1, "num_minibatches": 1, "clip_eps": 0.1,
+                                                        "clip_eps_value": 0.3, "vf_coef": 0.7},
+                         kl={"coef": 0.3, "estimator": "k3" if not in_reward else "k1", "in_reward": in_reward},
+                         rollout={"batch_size": 8, "micro_batch_size": 2})
+    actors, _, groups, named, _ = one_step_setup(params)
+    gen = torch.Generator().manual_seed(0)
+    for g in groups:
+        g.old_logprobs = g.old_logprobs + 0.4 * torch.randn(g.old_logprobs.shape, generator=gen) * g.mask
+        g.old_values = g.old_values + 0.5 * torch.randn(g.old_values.shape, generator=gen) * g.mask
+        # at iteration 0 π = π_ref, where the KL and its gradient vanish: a reference apart from π
+        g.ref_logprobs = g.ref_logprobs + 0.3 * torch.randn(g.ref_logprobs.shape, generator=gen) * g.mask
+    n_tokens = sum(float(g.mask.sum()) for g in groups)
+    sums = ppo_update.minibatch_losses(actors, groups, params, "test", n_tokens, kl_coef=0.3)
+    assert float(sums["policy/clipfrac"]) > 0 and float(sums["val/clipfrac"]) > 0  # both clips were active
+    got = [{k: p.grad.clone() for k, p in part.items() if p.grad is not None} for part in named]
+    for part in named:
+        for p in part.values():
+            p.grad = None
+
+    policy_loss = value_loss = 0.0
+    for g in groups:
+        m = g.mask  # (b, R)
+        logprobs = policy_logprobs(actors, g.packed, params.rollout.temperature)[0]  # (b, R)
+        ratio = torch.exp(logprobs - g.old_logprobs)
+        per_token = torch.maximum(-g.advantages * ratio, -g.advantages * ratio.clamp(1 - 0.1, 1 + 0.1))
+        policy_loss = policy_loss + (per_token * m).sum() / n_tokens
+        if not in_reward:  # k3 = π_ref/π − 1 − log(π_ref/π)
+            log_ref_ratio = g.ref_logprobs - logprobs
+            policy_loss = policy_loss + 0.3 * ((torch.exp(log_ref_ratio) - 1 - log_ref_ratio) * m).sum() / n_tokens
+        values = critic_values(actors, g.packed)  # (b, R)
+        clipped = g.old_values + (values - g.old_values).clamp(-0.3, 0.3)
+        per_token_v = 0.5 * torch.maximum((values - g.returns) ** 2, (clipped - g.returns) ** 2)
+        value_loss = value_loss + 0.7 * (per_token_v * m).sum() / n_tokens
+    (policy_loss + value_loss).backward()
+    for part, grads in zip(named, got):
+        assert grads.keys() == {k for k, p in part.items() if p.grad is not None} and grads
+        for k, p in part.items():
+            if k in grads:
+                torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-7, msg=k)
+
+
 @pytest.mark.parametrize("poison", ["policy loss", "value loss", "policy gradient", "critic gradient"])
 def test_a_non_finite_loss_or_gradient_stops_the_update_naming_it(project_dir, tiny_policy, tiny_reward, poison):
     params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 1, "num_minibatches": 1},
@@ -272,6 +318,11 @@ def test_compute_advantages_matches_naive_loop(whiten_rewards, whiten_advantages
     v = np.array([x for row in reference["values"] for x in row])
     ret = np.array([x for row in returns for x in row])
     assert metrics["val/advantage_mean_raw"] == pytest.approx(raw_mean, rel=1e-9, abs=1e-12)  # before whitening
+    assert metrics["objective/scores"] == pytest.approx(np.mean(scores["score"]), rel=1e-6)  # before the penalty
+    assert metrics["objective/scores_shaped"] == pytest.approx(np.mean(shaped), rel=1e-6)
+    assert metrics["objective/entropy"] == pytest.approx(np.mean([sum(e) for e in rollout["entropy"]]), rel=1e-9)
+    assert metrics["val/num_eos_tokens"] == int(rollout["contains_eos"].sum())
+    assert metrics["val/response_length"] == pytest.approx(rollout["response_length"].mean())
     assert metrics["val/return_mean"] == pytest.approx(ret.mean(), rel=1e-9)
     assert metrics["val/value_mean"] == pytest.approx(v.mean(), rel=1e-9)
     assert metrics["val/explained_variance"] == pytest.approx(1 - np.var(ret - v) / np.var(ret), rel=1e-9)
