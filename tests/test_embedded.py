@@ -42,3 +42,31 @@ def test_one_iteration_learns_something_and_keeps_ratio_one(project):
     objective = json.loads((project / "metrics/objective.json").read_text())
     assert 0 < objective["objective/scores"] <= 1  # cosine similarity to the human summary
     assert "|" in (project / "metrics/samples.md").read_text()
+
+
+def test_similarity_reward_is_the_cosine_of_unpadded_mean_embeddings(project):
+    """Batched and padded as the reward stage scores, against one text at a time with no padding; and the reward
+    orders a paraphrase of the reference above an unrelated summary."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from rlhf.config.params import load_params
+    from rlhf.models.scorers import SimilarityScorer
+    from rlhf.runtime.device import resolve_device
+
+    params = load_params(project / "params.yaml")
+    scorer = SimilarityScorer(project / "models/base/reward", params.reward_model, resolve_device("cpu", "float32"))
+    references = [" my landlord kept the whole deposit", " we broke up after two years together",
+                  " my landlord kept the whole deposit"]
+    responses = [" The landlord refused to return my deposit.", " the cat sat on the mat", " x"]
+    got = scorer.score(["q"] * 3, responses, references)
+
+    def embedding(text: str) -> torch.Tensor:
+        ids = scorer.tokenizer(text.strip(), return_tensors="pt")
+        with torch.no_grad():
+            return F.normalize(scorer.model(**ids).last_hidden_state[0].float().mean(0), dim=-1)
+
+    want = [float(embedding(a) @ embedding(b)) for a, b in zip(responses, references)]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert got[0] > 0.5 > got[1] and got[0] > got[2]

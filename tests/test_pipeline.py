@@ -93,11 +93,25 @@ def test_export_adapter_and_merged_give_the_same_logits(project):
     cwd = os.getcwd()
     os.chdir(project)
     try:
-        diff = max_logit_difference(params, project / "models/current", project / "models/export",
-                                    torch.tensor([[9707, 1879, 11, 1879, 13]]))
+        ids = torch.tensor([[9707, 1879, 11, 1879, 13]])
+        diff = max_logit_difference(params, project / "models/current", project / "models/export", ids)
+        from rlhf.models.checkpoint import load_actors
+
+        actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False)
+        with torch.no_grad():
+            policy = actors.model.get_base_model()(input_ids=ids).logits  # the trained policy itself
     finally:
         os.chdir(cwd)
     assert diff < 1e-4
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    exported = load_file(project / "models/export/adapter/adapter_model.safetensors")
+    trained = load_file(project / "models/current/policy/adapter_model.safetensors")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(project / "models/export/merged", dtype=torch.float32)
+        assert (merged(input_ids=ids).logits - policy).abs().max() < 1e-4
 
 
 def test_nan_advantage_aborts_update_and_writes_nothing(project):
