@@ -193,11 +193,17 @@ def test_minibatch_gradients_equal_those_of_the_losses_written_out(project_dir, 
             p.grad = None
 
     policy_loss = value_loss = 0.0
+    ratios, clipped_tokens, ratio_dev = [], 0.0, 0.0
     for g in groups:
         m = g.mask  # (b, R)
         logprobs = policy_logprobs(actors, g.packed, params.rollout.temperature)[0]  # (b, R)
         ratio = torch.exp(logprobs - g.old_logprobs)
         per_token = torch.maximum(-g.advantages * ratio, -g.advantages * ratio.clamp(1 - 0.1, 1 + 0.1))
+        with torch.no_grad():
+            real = m.bool()
+            ratios += ratio[real].tolist()
+            ratio_dev = max(ratio_dev, float((ratio[real] - 1).abs().max()))
+            clipped_tokens += float(((-g.advantages * ratio.clamp(0.9, 1.1) > -g.advantages * ratio) & real).sum())
         policy_loss = policy_loss + (per_token * m).sum() / n_tokens
         if not in_reward:  # k3 = π_ref/π − 1 − log(π_ref/π)
             log_ref_ratio = g.ref_logprobs - logprobs
@@ -207,6 +213,12 @@ def test_minibatch_gradients_equal_those_of_the_losses_written_out(project_dir, 
         per_token_v = 0.5 * torch.maximum((values - g.returns) ** 2, (clipped - g.returns) ** 2)
         value_loss = value_loss + 0.7 * (per_token_v * m).sum() / n_tokens
     (policy_loss + value_loss).backward()
+    stats = ppo_update.finish_stats({k: float(v) for k, v in sums.items()})
+    r = np.array(ratios)
+    assert stats["val/ratio"] == pytest.approx(r.mean(), rel=1e-5)
+    assert stats["val/ratio_var"] == pytest.approx(r.var(), rel=1e-3, abs=1e-7)  # E[ρ²] − E[ρ]², over tokens
+    assert stats["policy/clipfrac"] == pytest.approx(clipped_tokens / n_tokens)
+    assert stats["policy/ratio_max_abs_dev"] == pytest.approx(ratio_dev, rel=1e-5)
     for part, grads in zip(named, got):
         assert grads.keys() == {k for k, p in part.items() if p.grad is not None} and grads
         for k, p in part.items():
