@@ -34,19 +34,9 @@ class Actors:
     adapter_params: list = field(default_factory=list)  # every LoRA A/B tensor of both adapters
 
     def __post_init__(self) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        install_fused_lora(self.tuner_layers)
+        self.tuner_layers = adopt_lora_layers(self.model, self.device)
         self.adapter_params = [p for layer in self.tuner_layers for n, p in layer.named_parameters()
                                if "lora_" in n]
-        if self.device.autocast_dtype is not None:
-            # With a bf16 base, peft would cast each projection's input to the fp32 adapter dtype (an fp32 LoRA
-            # matmul plus two full-activation copies per projection). Every forward runs under autocast instead
-            # (compute()), which casts the adapters' fp32 master weights to bf16 per call; gradients still reach
-            # them in fp32. Set once here: peft's disable_input_dtype_casting() walks all modules on every entry.
-            for layer in self.tuner_layers:
-                layer.cast_input_dtype_enabled = False
 
     @property
     def vocab_size(self) -> int:
@@ -73,6 +63,22 @@ class Actors:
 
     def adapter_names(self) -> list[str]:
         return [n for n in (POLICY_ADAPTER, CRITIC_ADAPTER) if n in self.model.peft_config]
+
+
+def adopt_lora_layers(model: nn.Module, device: Device) -> list:
+    """The model's LoRA layers, with the fused forward and, under autocast, without peft's input casting. With a
+    bf16 base, peft would cast each projection's input to the fp32 adapter dtype (an fp32 LoRA matmul plus two
+    full-activation copies per projection); every forward runs under autocast instead (Device.compute()), which
+    casts the adapters' fp32 master weights to bf16 per call, and gradients still reach them in fp32. Set once
+    here: peft's disable_input_dtype_casting() walks all modules on every entry."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    install_fused_lora(layers)
+    if device.autocast_dtype is not None:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = False
+    return layers
 
 
 def install_fused_lora(layers: list) -> None:

@@ -29,17 +29,12 @@ def with_lora(base: torch.nn.Module, lora: Lora, device: Device) -> torch.nn.Mod
     """The base wrapped in a fresh LoRA adapter (B = 0) of `lora`'s rank and targets, without dropout, on the
     device, with the fused adapter forward PPO uses."""
     from peft import get_peft_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from rlhf.models.actors import install_fused_lora, lora_config, quiet_peft_wrap
+    from rlhf.models.actors import adopt_lora_layers, lora_config, quiet_peft_wrap
 
     with quiet_peft_wrap():
         model = get_peft_model(base, lora_config(lora.r, lora.alpha, 0.0, lora.target_modules))
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    install_fused_lora(layers)
-    if device.autocast_dtype is not None:  # as in Actors: autocast casts the fp32 adapters, not peft
-        for layer in layers:
-            layer.cast_input_dtype_enabled = False
+    adopt_lora_layers(model, device)
     return model.to(device.where).eval()  # dropout is off everywhere
 
 
