@@ -29,10 +29,14 @@ def _params(path: Path):
 
 
 def _run(fn, *args) -> None:
-    """Expected failures become one line on stderr and exit code 2 (no traceback), as in the stage scripts."""
+    """Expected failures become one line on stderr and exit code 2 (no traceback), as in the stage scripts. What fn
+    returns is not an exit code (`advance` returns the new iteration, which once became the command's exit code)."""
     from rlhf.runtime.stage import guarded
 
-    code = guarded(lambda: fn(*args))
+    def call() -> None:
+        fn(*args)
+
+    code = guarded(call)
     if code:
         raise typer.Exit(code)
 
@@ -57,7 +61,9 @@ def advance(params: Path = ParamsOpt, track: bool = typer.Option(True, help="`dv
 
 @app.command()
 def train(params: Path = ParamsOpt,
-          iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="default: train.iterations"),
+          iterations: Optional[int] = typer.Option(None, "--iterations", "-n", min=0,
+                                                   help="default: train.iterations; 0: only models, prompts and "
+                                                        "iteration 0"),
           commit: bool = typer.Option(False, help="git commit + tag each iteration (iter-N)"),
           tag_prefix: str = typer.Option("iter-", help="tag name prefix"),
           push: bool = typer.Option(False, help="dvc push every iteration's state to the default remote"),
@@ -67,7 +73,7 @@ def train(params: Path = ParamsOpt,
 
     def go():
         p = _params(params)
-        st.train(p, iterations or p.train.iterations, commit, tag_prefix, push, force)
+        st.train(p, p.train.iterations if iterations is None else iterations, commit, tag_prefix, push, force)
 
     _run(go)
 

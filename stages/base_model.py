@@ -16,11 +16,13 @@ def main(params, role: str) -> None:
     from rlhf.models.sources import make_model_available
     from rlhf.runtime.log import log
 
-    models = {"policy": (params.policy_model, params.paths.policy_model),
-              "reward": (params.reward_model, params.paths.reward_model)}
-    if role not in models:
+    # Only the role's own keys are read: dvc.yaml lists just those for each of the two stages
+    if role == "policy":
+        cfg, out = params.policy_model, params.paths.policy_model
+    elif role == "reward":
+        cfg, out = params.reward_model, params.paths.reward_model
+    else:
         raise ValueError(f"unknown model role {role!r} (policy or reward)")
-    cfg, out = models[role]
     make_model_available(cfg.id, cfg.revision, Path(out), role)
     log(f"{role}_model: {cfg.id} ready in {out}")
 

@@ -30,7 +30,8 @@ def main(params) -> None:
     state = read_state(params.paths.current)
     batch_path = Path(params.paths.iteration) / "batch.parquet"
     batch = read_artifact(batch_path, "prompts")
-    actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False, device=device)
+    actors = load_actors(params, Path(params.paths.current), trainable=False, with_critic=False, device=device,
+                         with_reference=False)
     check_token_ids(batch, batch_path, actors.vocab_size)
 
     cfg = params.rollout

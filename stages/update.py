@@ -34,7 +34,7 @@ def main(params) -> None:
     kl_coef = params.kl_coef(state)
     df = load_batch(params)
     torch.manual_seed(derive_seed(params.seed, "update-init", iteration))
-    actors = load_actors(params, current, trainable=True, device=device)
+    actors = load_actors(params, current, trainable=True, device=device, with_reference=False)
     check_token_ids(df, Path(params.paths.iteration) / "rollout.parquet", actors.vocab_size)
     if params.lora.dropout > 0:
         actors.model.train()  # LoRA dropout on; the ratio ≡ 1 check then holds only in expectation

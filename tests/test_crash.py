@@ -114,13 +114,23 @@ def test_killed_stage_then_repro_matches_uninterrupted_run(project, stage):
     assert hits >= 1, f"{stage}: no kill landed while the stage ran"
 
 
-def test_killed_advance_can_be_finished(project):
-    work = project
-    reference = digest(work / "models/next")
-    for delay in (0.2, 0.6, 1.0, 2.5):
-        kill_after(["rlhf", "advance"], work, delay)
-        state = (work / "models/current/state.json")
-        assert state.exists(), "models/current vanished"
+def test_killed_advance_can_be_finished(project, tmp_path):
+    """Each kill hits a fresh copy of the repro'd project: a kill on an already advanced copy would test nothing.
+    The kill points are fractions of an uninterrupted advance's own run time, so they land while it works."""
+    files = ["models/current", "models/current.dvc", "metrics/history.csv", "metrics/train_history.csv",
+             "metrics/samples"]
+    done = copy_repo(project, tmp_path / "uninterrupted")
+    start = time.time()
+    run(["rlhf", "advance"], done)
+    duration = time.time() - start
+    reference = {p: digest(done / p) for p in files}
+    hits = 0
+    for k, fraction in enumerate((0.15, 0.4, 0.65, 0.9)):
+        work = copy_repo(project, tmp_path / f"killed-{k}")
+        hits += kill_after(["rlhf", "advance"], work, fraction * duration)
+        assert (work / "models/current/state.json").exists(), "models/current vanished"
         run(["rlhf", "advance"], work, check=False)  # finishes (or reports there is nothing left to do)
-        assert digest(work / "models/current") == reference
+        for p in files:
+            assert digest(work / p) == reference[p], f"{p} differs after a kill at {fraction * duration:.1f} s + advance"
         assert "up to date" in run(["dvc", "status", "models/current.dvc"], work).stdout
+    assert hits >= 3, f"only {hits} of 4 kills landed while advance ran ({duration:.1f} s uninterrupted)"

@@ -76,6 +76,19 @@ def test_reference_is_adapter_disabled_policy_equal_to_separate_base(project):
     assert (pol - ref).abs().max() > 1e-2  # the adapter really changes the policy
 
 
+def test_stages_that_never_run_the_reference_do_not_load_it_and_a_reference_pass_then_refuses(project):
+    """Rollout and update load without the reference: a separate policy_model.reference costs them no memory, and
+    a reference pass on such actors stops instead of quietly using the adapter-disabled base in its place."""
+    separate = project.model_copy(update={"policy_model": project.policy_model.model_copy(
+        update={"reference": project.paths.policy_model})})
+    assert load_actors(separate, Path("state"), trainable=False, with_critic=False).reference is not None
+    actors = load_actors(separate, Path("state"), trainable=False, with_critic=False, with_reference=False)
+    assert actors.reference is None
+    prompts, responses = prompts_and_responses(actors.tokenizer)
+    with pytest.raises(RuntimeError, match="without the reference"):
+        reference_logprobs(actors, pack(prompts, responses), 0.7)
+
+
 def test_logprobs_do_not_depend_on_micro_batch_padding(project):
     actors = load_actors(project, Path("state"), trainable=False)
     perturb_adapter(actors)

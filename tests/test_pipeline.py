@@ -47,6 +47,30 @@ def test_first_minibatch_ratio_is_one(project):
     assert update["policy/approxkl"] > 0  # later minibatches do move the policy
 
 
+def test_step_curves_hold_every_optimizer_step_and_agree_with_the_summaries(project):
+    """The per-step TSVs `dvc plots` draws: one row per optimizer step, the last row = train/metrics.json, and
+    their mean = update.json's value (its per-iteration summary), so plots, metrics and history tell one story."""
+    folder = project / "metrics/train/plots/metrics"
+    last = json.loads((project / "metrics/train/metrics.json").read_text())
+    update = json.loads((project / "metrics/update.json").read_text())
+    curves = sorted(folder.rglob("*.tsv"))
+    assert {"loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac"} <= {
+        str(p.relative_to(folder).with_suffix("")) for p in curves}
+    for path in curves:
+        key = str(path.relative_to(folder).with_suffix(""))
+        header, *rows = list(csv.reader(path.open(), delimiter="\t"))
+        assert header == ["step", key.rsplit("/", 1)[-1]], path
+        assert [int(r[0]) for r in rows] == list(range(update["steps"])), path
+        values = [float(r[1]) for r in rows]
+        assert values[-1] == pytest.approx(last[key], rel=1e-12, abs=0), key
+        if key != "policy/ratio_max_abs_dev":  # summarised as the max, checked below
+            assert sum(values) / len(values) == pytest.approx(update[key], rel=1e-9, abs=1e-15), key
+    ratio_dev = [float(r[1]) for r in list(csv.reader((folder / "policy/ratio_max_abs_dev.tsv").open(),
+                                                       delimiter="\t"))[1:]]
+    assert update["policy/ratio_max_abs_dev"] == pytest.approx(max(ratio_dev))
+    assert update["first_minibatch/ratio_max_abs_dev"] == pytest.approx(ratio_dev[0])
+
+
 def test_rerun_rules(project):
     first = run(["dvc", "repro"], project)  # iteration 2 from the advanced state
     assert ran_stages(first.stdout) == ["sample", "rollout", "reward", "reference", "advantages", "update", "evaluate"]

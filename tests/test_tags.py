@@ -112,3 +112,19 @@ def test_cli_train_commit_refuses_in_one_line(repo):
         "existing tags, --tag-prefix gives new names"]
     assert "$ dvc" not in result.stdout + result.stderr
     assert "--force" in run(["rlhf", "train", "--help"], repo).stdout
+
+
+def test_cli_train_iterations_zero_means_none_and_unset_means_the_params_default(repo, monkeypatch):
+    """`-n 0` sets up models, prompts and iteration 0 only; it once fell through to train.iterations."""
+    from typer.testing import CliRunner
+
+    from rlhf.cli import app
+
+    asked = []
+    monkeypatch.setattr(project, "train", lambda p, n, *rest: asked.append(n))
+    for argv in (["train", "-n", "0"], ["train"], ["train", "--iterations", "2"]):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 0, result.output
+    assert asked == [0, params().train.iterations, 2] and params().train.iterations != 0
+    assert CliRunner().invoke(app, ["train", "-n", "-1"]).exit_code == 2  # typer's usage error
+    assert asked == [0, params().train.iterations, 2]

@@ -29,6 +29,9 @@ class Actors:
     stop_ids: list[int]
     trainable: bool
     device: Device  # where every tensor of a pass lives; bf16 base: LoRA/critic stay fp32, matmuls run in bf16
+    # False: loaded without the reference (rollout, update never run it); a reference pass then refuses instead of
+    # silently using the adapter-disabled base in place of a separate policy_model.reference
+    reference_loaded: bool = True
 
     tuner_layers: list = field(default_factory=list)  # peft's adapter layers, found once at load
     adapter_params: list = field(default_factory=list)  # every LoRA A/B tensor of both adapters

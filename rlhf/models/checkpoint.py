@@ -88,8 +88,9 @@ def load_value_head(folder: Path, d: int) -> nn.Linear:
 
 
 def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: bool = True,
-                device: Device | None = None) -> Actors:
-    """The iteration's models on `device` (None: the one params.runtime.device resolves to)."""
+                device: Device | None = None, with_reference: bool = True) -> Actors:
+    """The iteration's models on `device` (None: the one params.runtime.device resolves to). with_reference=False
+    skips loading a separate policy_model.reference (and reading that key) for stages that never run it."""
     from peft import PeftModel
 
     pm = params.policy_model
@@ -119,13 +120,13 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
                                            attention)
         critic_backbone.train(False).requires_grad_(trainable).to(device.where)
     head = load_value_head(state_dir / CRITIC_ADAPTER, hidden_size(base)).requires_grad_(trainable).to(device.where)
-    reference = load_causal_lm(Path(pm.reference), device.dtype, pm.trust_remote_code, attention) if pm.reference else None
-    if reference is not None:
-        reference.to(device.where)
+    reference = None
+    if with_reference and pm.reference:
+        reference = load_causal_lm(Path(pm.reference), device.dtype, pm.trust_remote_code, attention).to(device.where)
     model.to(device.where)
     model.eval()  # dropout is off; train() only matters if lora.dropout > 0
     actors = Actors(model, tokenizer, head, critic_backbone, reference, stop_token_ids(tokenizer, base_dir), trainable,
-                    device)
+                    device, reference_loaded=with_reference)
     actors.use(POLICY_ADAPTER)
     return actors
 

@@ -142,6 +142,8 @@ def exact_kl(actors: Actors, packed: Packed, temperature: float) -> torch.Tensor
 def reference_lm(actors: Actors):
     """The reference causal LM, inside the numeric context of every pass: a separate model when
     policy_model.reference names one, else the shared base with the adapters disabled."""
+    if not actors.reference_loaded:
+        raise RuntimeError("these actors were loaded without the reference (load_actors(with_reference=False))")
     with actors.compute():
         if actors.reference is not None:
             yield actors.reference
