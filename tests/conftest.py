@@ -47,6 +47,13 @@ def stage(name: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "stages" / f"{name}.py"), *args]
 
 
+def stage_main(name: str):
+    """A stage script's `main(params, *args)`, to call in this process (not run as __main__: no run_stage)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "stages" / f"{name}.py"))["main"]
+
+
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> Path:
     from rlhf.models.architectures import build_policy

@@ -7,14 +7,13 @@ a branch is still a key the stage depends on."""
 
 from __future__ import annotations
 
-import importlib.util
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, make_project, run, tiny_params
+from conftest import ROOT, make_project, run, stage_main, tiny_params
 
 # Read by a stage, but cannot change what it writes: listing them would rerun stages for nothing.
 NO_EFFECT_ON_OUTPUTS = {"runtime.progress": "progress bars only"}
@@ -65,16 +64,21 @@ def recorded_reads(params):
         del _Section.__getattribute__
 
 
-def stage_main(script: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{Path(script).stem}", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def listed_params(stage: dict) -> list[str]:
+    return [p for p in stage.get("params", []) if isinstance(p, str)]
+
+
+def within(key: str, listed: str) -> bool:
+    """key is the listed key or inside the listed section"""
+    return key == listed or key.startswith(listed + ".")
 
 
 def covered(key: str, stage: dict) -> bool:
-    listed = [p for p in stage.get("params", []) if isinstance(p, str)]
-    if any(key == p or key.startswith(p + ".") for p in listed):
+    if any(within(key, p) for p in listed_params(stage)):
         return True
     # A path key is part of the stage's definition wherever the stage uses it as ${paths.…} (deps, outs, metrics)
     return key.startswith("paths.") and "${" + key + "}" in yaml.safe_dump(stage)
@@ -86,7 +90,7 @@ def reads_per_stage(repo: Path, monkeypatch) -> dict[str, set[str]]:
 
     monkeypatch.chdir(repo)
     found = {}
-    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+    for name, stage in dvc_stages().items():
         if name == "sample":  # iteration 0 from what the set-up stages just wrote here (the SFT adapter's bytes
             run(["rlhf", "init"], repo)  # depend on the thread count, and the state records which adapter it is on)
         words = stage["cmd"].split()
@@ -94,7 +98,7 @@ def reads_per_stage(repo: Path, monkeypatch) -> dict[str, set[str]]:
         args = words[words.index(script) + 1:]
         params = load_params(repo / "params.yaml")  # validation reads every key; only main's reads count
         with recorded_reads(params) as (reads, strays):
-            stage_main(script)(params, *args)
+            stage_main(Path(script).stem)(params, *args)
         assert not strays, f"stage {name} read params through a copy the test cannot attribute: {sorted(strays)}"
         assert reads, f"stage {name}: no params read recorded (is the recorder still hooked in?)"
         found[name] = reads
@@ -110,13 +114,10 @@ def reads(tmp_path_factory, tiny_policy, tiny_reward, one_thread) -> dict[str, d
     found = {}
     with pytest.MonkeyPatch.context() as monkeypatch:
         for name, switches in CONFIGURATIONS.items():
-            repo = make_project(tmp_path_factory.mktemp(name) / "repo", tiny_params(tiny_policy, tiny_reward, **switches))
+            params = tiny_params(tiny_policy, tiny_reward, **switches)
+            repo = make_project(tmp_path_factory.mktemp(name) / "repo", params)
             found[name] = reads_per_stage(repo, monkeypatch)
     return found
-
-
-def dvc_stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 @pytest.mark.parametrize("configuration", list(CONFIGURATIONS))
@@ -138,8 +139,8 @@ def test_no_stage_lists_a_params_key_it_never_reads(reads):
     never = []
     for stage, definition in dvc_stages().items():
         read = set().union(*(r[stage] for r in reads.values()))
-        never += [f"{stage}: {listed}" for listed in definition.get("params", []) if isinstance(listed, str)
-                  and not any(k == listed or k.startswith(listed + ".") for k in read)]
+        never += [f"{stage}: {listed}" for listed in listed_params(definition)
+                  if not any(within(k, listed) for k in read)]
     assert not never, f"listed in dvc.yaml but never read: {never}"
 
 

@@ -8,7 +8,6 @@ stages run in this process (their `main`), on the tiny random Qwen3 from the fix
 
 import itertools
 import math
-import runpy
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, full_params, tiny_params
+from conftest import full_params, stage_main, tiny_params
 from rlhf import project as proj
 from rlhf.artifacts.files import read_json, read_state, write_json
 from rlhf.artifacts.schema import read_artifact, write_artifact
@@ -28,10 +27,6 @@ from rlhf.models.sources import make_model_available
 from rlhf.runtime.distributed import Dist
 from rlhf.training import ppo_update
 from rlhf.training.advantages import compute_advantages
-
-
-def stage_main(name: str):
-    return runpy.run_path(str(ROOT / "stages" / f"{name}.py"))["main"]  # not run as __main__: no run_stage
 
 
 def f32(x) -> list[float]:
