@@ -1,4 +1,4 @@
-"""One mission-configuration PPO iteration on a GPU, through the real stage scripts: prints a table and writes
+"""One Qwen3 + Skywork PPO iteration on a GPU, through the real stage scripts: prints a table and writes
 metrics/gpu.json (per-stage wall time and peak GPU memory, generated tokens/s, the first-minibatch ratio, the GPU).
 
     pip install --no-index --find-links bench/.wheels pydantic pyyaml   # once, on a machine without them
@@ -8,8 +8,8 @@ metrics/gpu.json (per-stage wall time and peak GPU memory, generated tokens/s, t
     python bench/gpu_check.py --trl           # also TRL 1.12's PPOTrainer on the same models and work
     python bench/gpu_check.py --device cpu --tiny --quick --trl   # the CPU rehearsal (tiny shapes)
 
-The models are random-weight copies of the mission architectures built from models/configs (no hub needed),
-initialised directly on the device. Mission configuration: 64 prompts × 53 new tokens, 4 PPO epochs × 2 minibatches,
+The models are random-weight copies of the Qwen3 + Skywork architectures built from models/configs (no hub needed),
+initialised directly on the device. Qwen3 + Skywork configuration: 64 prompts × 53 new tokens, 4 PPO epochs × 2 minibatches,
 LoRA r=32 on the 7 projections, bf16 base, chat prompts, `attention: auto`. Each stage runs as its own process (as
 `dvc repro` runs them) in a temporary project; its peak memory is torch.cuda.max_memory_allocated in that process
 (so it starts from zero for every stage).
@@ -78,12 +78,12 @@ def sh(cmd: list[str], cwd: Path) -> None:
                          f"{out.stderr[-5000:]}")
 
 
-def mission_params(proj: Path, args) -> dict:
+def preset_params(proj: Path, args) -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     sys.path.insert(0, str(ROOT))
     from rlhf.config.presets import PRESETS
 
-    for section, values in PRESETS["mission"].items():
+    for section, values in PRESETS["qwen3-skywork"].items():
         p[section].update(values)
     p["policy_model"].update({"id": str(proj / "built/policy"), "revision": None})
     p["reward_model"].update({"id": str(proj / "built/reward"), "revision": None})
@@ -106,7 +106,7 @@ def mission_params(proj: Path, args) -> dict:
 
 
 def build_models(proj: Path, args) -> None:
-    """Random-weight mission architectures, initialised on the device, written where the base-model stages would."""
+    """Random-weight Qwen3 + Skywork architectures, initialised on the device, written where the base-model stages would."""
     import torch
 
     from rlhf.models.architectures import build_policy, build_reward
@@ -124,7 +124,7 @@ def setup(proj: Path, args) -> None:
     (proj / "data").mkdir(parents=True)
     shutil.copytree(ROOT / "data" / "tldr", proj / "data" / "tldr")
     build_models(proj, args)
-    (proj / "params.yaml").write_text(yaml.safe_dump(mission_params(proj, args), sort_keys=False))
+    (proj / "params.yaml").write_text(yaml.safe_dump(preset_params(proj, args), sort_keys=False))
     init = ("from rlhf.config.params import load_params; from rlhf.project import init; "
             "init(load_params('params.yaml'), evaluate_baseline=False, track=False)")
     for cmd in ([sys.executable, str(ROOT / "stages/base_model.py"), "policy"],
@@ -261,7 +261,7 @@ def main() -> None:
         rollout = json.loads((proj / "metrics/rollout.json").read_text())
         update = json.loads((proj / "metrics/update.json").read_text())
         result = {"device": args.device, "gpu": stages["rollout"]["gpu"],
-                  "config": f"{'tiny' if args.tiny else 'full-size'}, {'quick' if args.quick else 'mission'}: "
+                  "config": f"{'tiny' if args.tiny else 'full-size'}, {'quick' if args.quick else 'qwen3-skywork'}: "
                             f"{update['steps']} PPO steps, bf16",
                   "stages": stages, "iteration_s": sum(s["wall_s"] for s in stages.values()),
                   "peak_gib": max(s["peak_gib"] for s in stages.values()),

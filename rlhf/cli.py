@@ -132,7 +132,7 @@ def plots(out: Path = typer.Option(Path("metrics/plots"), help="output folder"),
 
 
 @app.command()
-def preset(name: str = typer.Argument(..., help="mission or embedded"), params: Path = ParamsOpt,
+def preset(name: str = typer.Argument(..., help="qwen3-skywork or embedded"), params: Path = ParamsOpt,
            policy_revision: Optional[str] = typer.Option(None, help="pin the policy's hub revision"),
            reward_revision: Optional[str] = typer.Option(None, help="pin the reward model's hub revision")):
     """Switch params.yaml to a named configuration (comments kept); then `rlhf init --force` and `dvc repro`."""
@@ -171,8 +171,8 @@ def params_doc(params: Path = ParamsOpt):
 
 @app.command()
 def report(params: Path = ParamsOpt,
-           configs: Path = typer.Option(Path("models/configs"), help="folder with the mission models' configs")):
-    """LoRA trainable count and per-component memory estimate for the mission models (meta device)."""
+           configs: Path = typer.Option(Path("models/configs"), help="folder with the Qwen3 + Skywork models' configs")):
+    """LoRA trainable count and per-component memory estimate for the Qwen3 + Skywork models (meta device)."""
     def go():
         from rlhf.reports.memory import render
 

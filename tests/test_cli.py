@@ -22,11 +22,11 @@ def test_hub_unreachable_fails_fast_with_one_line(tmp_path):
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.safetensors"))
 
 
-def test_mission_preset_is_one_switch_and_fails_fast_offline(tmp_path):
+def test_qwen3_skywork_preset_is_one_switch_and_fails_fast_offline(tmp_path):
     import shutil
 
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
-    run(["rlhf", "preset", "mission", "--policy-revision", "main"], tmp_path)
+    run(["rlhf", "preset", "qwen3-skywork", "--policy-revision", "main"], tmp_path)
     text = (tmp_path / "params.yaml").read_text()
     assert "Qwen/Qwen3-0.6B" in text and "Skywork/Skywork-Reward-V2-Qwen3-8B" in text
     assert "# LoRA rank" in text  # comments survive

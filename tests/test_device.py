@@ -251,11 +251,11 @@ def test_per_stage_peaks_for_the_mission_configuration():
     from rlhf.reports.memory import GiB, count_reward, render_stages, stage_peaks
 
     raw = tiny_params(Path("p"), Path("r"))
-    for section, values in PRESETS["mission"].items():
+    for section, values in PRESETS["qwen3-skywork"].items():
         raw[section].update(values)
-    mission = parse_params(raw)
+    big = parse_params(raw)
     configs = ROOT / "models/configs"
-    peaks = {name: gib for name, gib, _ in stage_peaks(mission, configs)}
+    peaks = {name: gib for name, gib, _ in stage_peaks(big, configs)}
     reward_weights = count_reward(configs) * 2 / GiB
     assert reward_weights < peaks["reward"] < reward_weights + 3
     assert peaks["rollout"] < 8 and peaks["update"] < peaks["reward"]
@@ -270,7 +270,7 @@ def test_per_stage_peaks_for_the_mission_configuration():
     raw["data"]["eval_size"] = 2000  # the reference's keys/values of 2000 prompts × 512 tokens, bf16: 109 GiB
     many = {name: gib for name, gib, _ in stage_peaks(parse_params(raw), configs)}
     assert many["evaluate"] > 2000 * 512 * 28 * 2 * 8 * 128 * 2 / GiB > peaks["evaluate"]
-    table = render_stages(mission, configs)
+    table = render_stages(big, configs)
     assert table.count("\n") == 6 and "| reward | " in table and "fits 24 GB" in table
 
 

@@ -203,14 +203,14 @@ def test_train_refuses_up_front_when_its_last_iteration_is_past_the_schedule(tmp
 
 
 def test_embedded_preset_is_the_shipped_params(tmp_path: Path):
-    """`rlhf preset embedded` goes back to exactly the shipped defaults (and mission → embedded round-trips)."""
+    """`rlhf preset embedded` goes back to exactly the shipped defaults (and qwen3-skywork → embedded round-trips)."""
     import shutil
 
     from rlhf.config.presets import apply
 
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
-    apply("mission", tmp_path / "params.yaml")
-    mission = load_params(tmp_path / "params.yaml")
-    assert mission.policy_model.id == "Qwen/Qwen3-0.6B" and mission.ppo.epochs == 4
+    apply("qwen3-skywork", tmp_path / "params.yaml")
+    big = load_params(tmp_path / "params.yaml")
+    assert big.policy_model.id == "Qwen/Qwen3-0.6B" and big.ppo.epochs == 4
     apply("embedded", tmp_path / "params.yaml")
     assert load_params(tmp_path / "params.yaml") == load_params(ROOT / "params.yaml")

@@ -1,6 +1,6 @@
 """`rlhf preset NAME`: switch params.yaml to a named configuration in one step (comments kept).
 
-`mission`: Qwen3-0.6B policy/critic/reference with LoRA r=32 on the 7 projections, Skywork-Reward-V2-Qwen3-8B
+`qwen3-skywork`: Qwen3-0.6B policy/critic/reference with LoRA r=32 on the 7 projections, Skywork-Reward-V2-Qwen3-8B
 reward (sequence classifier, its own chat template), prompts from trl-lib/tldr, bf16 everywhere, GPU-sized
 batches and 4 PPO epochs.
 `embedded`: back to the CPU default (SmolLM2-135M-Instruct + MiniLM similarity, local TL;DR sample)."""
@@ -12,7 +12,7 @@ from pathlib import Path
 SUMMARY_INSTRUCTION = "Summarize the following Reddit post in one sentence.\n\n{post}\n\nOne-sentence summary:"
 
 PRESETS: dict[str, dict] = {
-    "mission": {
+    "qwen3-skywork": {
         "policy_model": {"id": "Qwen/Qwen3-0.6B", "dtype": "bfloat16", "prompt_format": "chat",
                          "instruction": SUMMARY_INSTRUCTION, "attention": "auto"},
         "reward_model": {"id": "Skywork/Skywork-Reward-V2-Qwen3-8B", "kind": "classifier", "dtype": "bfloat16",

@@ -1,4 +1,4 @@
-"""Random-weight copies of the mission architectures (Qwen3-0.6B policy, Skywork-Reward-V2-Qwen3-8B reward), full
+"""Random-weight copies of the Qwen3 + Skywork architectures (Qwen3-0.6B policy, Skywork-Reward-V2-Qwen3-8B reward), full
 size or shrunken, built from a configs folder laid out like the project's `models/configs/` (the real configs and
 the real Qwen3 tokenizer). Used by the tests, the memory report, the GPU check and the real-size CPU run; the hub
 models are loaded by id instead when a network is there. The folder is always passed in: nothing here reads the

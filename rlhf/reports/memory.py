@@ -1,5 +1,5 @@
 """`rlhf report`: true LoRA trainable-parameter counts and a memory estimate per component, computed on the meta
-device from the real configs (no weights needed). Defaults to the mission architectures."""
+device from the real configs (no weights needed). Defaults to the Qwen3 + Skywork architectures."""
 
 from __future__ import annotations
 
