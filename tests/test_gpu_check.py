@@ -28,8 +28,8 @@ def args(**kw):
 
 
 @pytest.mark.parametrize("mode", [{}, {"quick": True}, {"device": "cpu", "tiny": True, "quick": True, "nproc": 2}])
-def test_mission_params_are_valid_in_every_mode(tmp_path, mode):
-    params = parse_params(gpu_check().mission_params(tmp_path, args(**mode)))
+def test_preset_params_are_valid_in_every_mode(tmp_path, mode):
+    params = parse_params(gpu_check().preset_params(tmp_path, args(**mode)))
     r = params.rollout
     assert r.batch_size == (8 if mode.get("quick") else 64)
     assert r.batch_size % (r.micro_batch_size * params.ppo.num_minibatches) == 0
