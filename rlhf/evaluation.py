@@ -1,6 +1,7 @@
-"""Held-out evaluation of a policy state: reward, exact KL to the reference, length, EOS rate and a sample table on
-the fixed eval prompts, and comparisons with iteration 0 and the previous iteration on the same prompts (paired bootstrap
-intervals, rlhf/reports/statistics.py). Greedy (`eval.greedy`) or `eval.samples_per_prompt` samples per prompt at
+"""Held-out evaluation of a policy state: reward, an independent judge (ROUGE against the human TL;DR), exact KL to
+the reference, length, EOS rate and a sample table on the fixed eval prompts, and comparisons with iteration 0 and the
+previous iteration on the same prompts (paired bootstrap intervals, rlhf/reports/statistics.py), the reward change
+with the part that length explains taken out, and a warning when the reward and the judge contradict each other. Greedy (`eval.greedy`) or `eval.samples_per_prompt` samples per prompt at
 `eval.temperature`, seeded the same every iteration; per-prompt values are the means over a prompt's samples."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rlhf.models.checkpoint import load_actors
 from rlhf.models.reference_cache import reference_kl, reference_prompt_kv
 from rlhf.models.sampling import contains_stop, generate_with_reference_kl
 from rlhf.models.scorers import load_scorer
+from rlhf.reports import judge
 from rlhf.reports import statistics as st
 from rlhf.reports.samples import post_text
 from rlhf.runtime.device import resolve_device
@@ -44,13 +46,15 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
                          resolve_device(params.runtime.device, params.reward_model.dtype))
     rewards = scorer.score([prompts["query"].iloc[i] for i in rows], texts,
                            [prompts["reference"].iloc[i] for i in rows])
+    references = [prompts["reference"].iloc[i] for i in rows]
     samples = pd.DataFrame({"row": rows, "summary": texts, "reward": rewards, "kl": kls,
-                            "length": [len(r) for r in responses], "eos": eos})
+                            "length": [len(r) for r in responses], "eos": eos, **judge.rouge(texts, references)})
     table = per_prompt_table(prompts, samples)
     metrics = {
         "iteration": read_state(state_dir)["iteration"],
         "eval/reward_mean": float(table["reward"].mean()),
         "eval/reward_std": float(table["reward"].std(ddof=1)) if len(table) > 1 else 0.0,
+        **{f"eval/{name}_mean": float(table[name].mean()) for name in judge.ROUGE_TYPES},
         "eval/kl_mean": float(table["kl"].mean()),
         "eval/length_mean": float(table["length"].mean()),
         "eval/eos_rate": float(table["eos"].mean()),
@@ -84,19 +88,18 @@ def held_out_responses(params: Params, actors, prompt_ids: list, ids: list, rows
 
 def per_prompt_table(prompts: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
     """One row per held-out prompt, so every later comparison pairs prompts: its first summary (all of them in
-    `summaries`), and the mean reward, KL and length and the EOS fraction over its samples."""
+    `summaries`), and the mean reward, ROUGE, KL and length and the EOS fraction over its samples."""
     by_prompt = samples.groupby("row", sort=True)
+    means = {name: by_prompt[name].mean().to_numpy() for name in ("reward", *judge.ROUGE_TYPES, "kl", "length", "eos")}
     return pd.DataFrame({
         "prompt_id": prompts["prompt_id"].to_numpy(), "query": prompts["query"].to_numpy(),
-        "summary": by_prompt["summary"].first().to_numpy(),
-        "reward": by_prompt["reward"].mean().to_numpy(), "kl": by_prompt["kl"].mean().to_numpy(),
-        "length": by_prompt["length"].mean().to_numpy(), "eos": by_prompt["eos"].mean().to_numpy(),
+        "summary": by_prompt["summary"].first().to_numpy(), **means,
         "reference": prompts["reference"].to_numpy(), "summaries": by_prompt["summary"].agg(list).to_numpy(),
     })
 
 
-def read_rewards(path: Path) -> pd.Series | None:
-    """prompt_id → reward of an earlier iteration's held-out table (metrics/samples/iter-N.jsonl); None if absent."""
+def read_table(path: Path) -> pd.DataFrame | None:
+    """An earlier iteration's held-out table (metrics/samples/iter-N.jsonl) indexed by prompt_id; None if absent."""
     if not path.exists():
         return None
     try:
@@ -108,14 +111,21 @@ def read_rewards(path: Path) -> pd.Series | None:
         raise ArtifactError(f"{path}: sample table lacks column(s) {sorted(missing)}")
     if table["prompt_id"].duplicated().any():
         raise ArtifactError(f"{path}: sample table has duplicate prompt_id rows")
-    return table.set_index("prompt_id")["reward"].astype(float)
+    return table.set_index("prompt_id")
+
+
+def column(table: pd.DataFrame | None, name: str) -> pd.Series | None:
+    """One per-prompt column of a held-out table as floats; None when the table is absent or predates the column
+    (an archive written before ROUGE was judged has no rouge_l: its ROUGE comparisons are left out, not faked)."""
+    if table is None or name not in table.columns:
+        return None
+    return table[name].astype(float)
 
 
 def paired(now: pd.Series, before: pd.Series | None, what: str) -> pd.Series | None:
     """`before` aligned to `now`'s prompts, or None when there is nothing to pair with: a comparison over other or
     fewer prompts would not be paired, so it is left out rather than reported on a different set."""
     if before is None:
-        log(f"evaluate: no {what} held-out table: its comparisons are left out (null)")
         return None
     if set(before.index) != set(now.index):
         log(f"evaluate: the {what} held-out table covers other prompts (eval set changed?): comparisons left out")
@@ -123,47 +133,101 @@ def paired(now: pd.Series, before: pd.Series | None, what: str) -> pd.Series | N
     return before.reindex(now.index)
 
 
+COMPARED = {"reward": "reward", "rouge_l": "ROUGE-L"}  # per-prompt column → its name in log lines
+
+
+def column_or_log(table: pd.DataFrame | None, name: str, what: str) -> pd.Series | None:
+    """`column`, saying why when a table that exists lacks the column."""
+    values = column(table, name)
+    if table is not None and values is None:
+        log(f"evaluate: the {what} held-out table has no {name} column (written before it was measured): "
+            f"its {COMPARED[name]} comparisons are left out (null)")
+    return values
+
+
 def comparison_metrics(table: pd.DataFrame, iteration: int, archive: Path, cfg: Eval, seed: int) -> dict:
-    """Reward change vs iteration 0 and vs the previous iteration, and the win rate vs iteration 0, each with its
-    paired bootstrap interval over the held-out prompts. Iteration 0 compares with itself (Δ 0, win rate 0.5)."""
-    now = table.set_index("prompt_id")["reward"].astype(float)
-    initial = now if iteration == 0 else paired(now, read_rewards(archive / "iter-0.jsonl"), "iteration-0")
-    previous = None if iteration == 0 else paired(now, read_rewards(archive / f"iter-{iteration - 1}.jsonl"),
-                                                  "previous iteration's")
+    """For the reward and the independent judge (ROUGE-L): the change vs iteration 0 and vs the previous iteration,
+    and the win rate vs iteration 0, each with its paired bootstrap interval over the held-out prompts; the reward
+    change with its length-explained part removed; and the reward/judge disagreement flag. Iteration 0 compares with
+    itself (Δ 0, win rate 0.5)."""
+    now_table = table.set_index("prompt_id")
+    initial_table = now_table if iteration == 0 else read_table(archive / "iter-0.jsonl")
+    previous_table = None if iteration == 0 else read_table(archive / f"iter-{iteration - 1}.jsonl")
+    for found, what in ((initial_table, "iteration-0"), (previous_table if iteration else now_table, "previous iteration's")):
+        if found is None:
+            log(f"evaluate: no {what} held-out table: its comparisons are left out (null)")
     interval = lambda x: st.bootstrap_mean(x, cfg.bootstrap_resamples, seed, cfg.interval_level)  # noqa: E731
-    stats = {
-        "reward_delta_vs_initial": None if initial is None else interval(now.to_numpy() - initial.to_numpy()),
-        "reward_delta_vs_previous": None if previous is None else interval(now.to_numpy() - previous.to_numpy()),
-        "win_rate_vs_initial": None if initial is None else interval(st.wins(now.to_numpy(), initial.to_numpy())),
-    }
+    stats = {}
+    for name in COMPARED:
+        now = column(now_table, name)
+        initial = None if now is None else paired(now, column_or_log(initial_table, name, "iteration-0"),
+                                                  "iteration-0")
+        previous = None if now is None or iteration == 0 else paired(
+            now, column_or_log(previous_table, name, "previous iteration's"), "previous iteration's")
+        stats.update({
+            f"{name}_delta_vs_initial": None if initial is None else interval(now.to_numpy() - initial.to_numpy()),
+            f"{name}_delta_vs_previous": None if previous is None else interval(now.to_numpy() - previous.to_numpy()),
+            f"{name}_win_rate_vs_initial": (None if initial is None
+                                            else interval(st.wins(now.to_numpy(), initial.to_numpy()))),
+        })
+    stats["win_rate_vs_initial"] = stats.pop("reward_win_rate_vs_initial")  # the reward's keeps its historic name
+    length_stats, slope = length_control(now_table, initial_table, interval)
+    stats.update(length_stats)
     out = {}
     for name, value in stats.items():
         point, low, high = value if value is not None else (None, None, None)
         out.update({f"eval/{name}": point, f"eval/{name}_ci_low": low, f"eval/{name}_ci_high": high})
+    out["eval/reward_length_slope"] = slope
+    out["eval/judge_disagreement"] = judge.disagreement(stats["reward_delta_vs_initial"],
+                                                        stats["rouge_l_delta_vs_initial"])
     return out
 
 
+def length_control(now_table: pd.DataFrame, initial_table: pd.DataFrame | None, interval) -> tuple[dict, float | None]:
+    """How much of the reward change vs iteration 0 length explains. The slope b of reward on length (tokens) is
+    fitted across iteration 0's held-out prompts by least squares; a prompt's length-adjusted change is
+    Δreward − b·Δlength, the change of its residual from that line. A gain that is only "shorter" or "longer" keeps
+    its Δ reward but loses its adjusted Δ. Returns the intervals and b (None, None when there is nothing to pair)."""
+    none = {"length_delta_vs_initial": None, "reward_delta_vs_initial_length_adjusted": None}
+    initial_reward, initial_length = column(initial_table, "reward"), column(initial_table, "length")
+    if (initial_reward is None or initial_length is None or "length" not in now_table.columns
+            or set(initial_reward.index) != set(now_table.index)):
+        return none, None  # `paired` has already said why for the reward
+    initial_reward, initial_length = initial_reward.reindex(now_table.index), initial_length.reindex(now_table.index)
+    slope = st.least_squares_slope(initial_length.to_numpy(), initial_reward.to_numpy())
+    d_length = now_table["length"].to_numpy(dtype=float) - initial_length.to_numpy()  # (P,)
+    d_reward = now_table["reward"].to_numpy(dtype=float) - initial_reward.to_numpy()  # (P,)
+    return {"length_delta_vs_initial": interval(d_length),
+            "reward_delta_vs_initial_length_adjusted": interval(d_reward - slope * d_length)}, slope
+
+
 def comparison_line(metrics: dict) -> str:
-    """The comparisons in one line, each with its interval; those left out (null) are skipped."""
+    """The comparisons in one line, each with its interval; those left out (null) are skipped. A contradiction
+    between the reward and the independent judge ends the line in words."""
     def show(key: str, label: str, fmt: str) -> list[str]:
         point, low, high = (metrics.get(key + end) for end in ("", "_ci_low", "_ci_high"))
         return [] if point is None else [f"{label} {point:{fmt}} [{low:{fmt}}, {high:{fmt}}]"]
 
     parts = (show("eval/win_rate_vs_initial", "win rate vs iteration 0", ".2f")
              + show("eval/reward_delta_vs_initial", "Δ reward vs iteration 0", "+.4f")
-             + show("eval/reward_delta_vs_previous", "vs previous", "+.4f"))
+             + show("eval/reward_delta_vs_previous", "vs previous", "+.4f")
+             + show("eval/reward_delta_vs_initial_length_adjusted", "length-adjusted", "+.4f")
+             + show("eval/rouge_l_delta_vs_initial", "Δ ROUGE-L vs iteration 0", "+.4f")
+             + show("eval/rouge_l_win_rate_vs_initial", "ROUGE-L win rate", ".2f"))
     parts.append(f"repeated 3-grams {metrics['eval/repeated_3gram_fraction']:.3f}")
-    return " · ".join(parts)
+    warning = judge.disagreement_warning(metrics.get("eval/judge_disagreement"))
+    return " · ".join(parts) + ("" if warning is None else f" · {warning}")
 
 
 def sample_markdown(table: pd.DataFrame, metrics: dict, rows: int) -> str:
     head = (f"# Held-out samples, iteration {metrics['iteration']}\n\n"
-            f"mean reward {metrics['eval/reward_mean']:.4f} · KL {metrics['eval/kl_mean']:.3f} · "
+            f"mean reward {metrics['eval/reward_mean']:.4f} · ROUGE-L {metrics['eval/rouge_l_mean']:.4f} · "
+            f"KL {metrics['eval/kl_mean']:.3f} · "
             f"length {metrics['eval/length_mean']:.1f} · EOS rate {metrics['eval/eos_rate']:.2f}\n\n"
             f"{comparison_line(metrics)} (paired bootstrap intervals over the prompts)\n\n"
-            "| prompt | summary | reward | reference |\n|---|---|---|---|\n")
+            "| prompt | summary | reward | ROUGE-L | reference |\n|---|---|---|---|---|\n")
     cell = lambda s, n: html.escape(" ".join(str(s).split()))[:n].replace("|", "\\|")  # noqa: E731
-    lines = [f"| {cell(post_text(r.query), 300)} | {cell(r.summary, 300)} | {r.reward:.3f} | {cell(r.reference, 300)} |"
+    lines = [f"| {cell(post_text(r.query), 300)} | {cell(r.summary, 300)} | {r.reward:.3f} | {r.rouge_l:.3f} | {cell(r.reference, 300)} |"
              for r in table.head(rows).itertuples()]
     return head + "\n".join(lines) + "\n"
 
@@ -177,6 +241,6 @@ def evaluate(params: Params, state_dir: Path | None = None, out_json: Path | Non
     atomic_write_text(out_table or metrics_dir / "samples.md", sample_markdown(table, metrics, params.eval.table_rows))
     table.to_json(Path(out_table or metrics_dir / "samples.md").with_suffix(".jsonl"), orient="records", lines=True)
     log(f"evaluate: iteration {metrics['iteration']}: reward {metrics['eval/reward_mean']:.4f}, "
-        f"KL {metrics['eval/kl_mean']:.3f}, length {metrics['eval/length_mean']:.1f}, EOS {metrics['eval/eos_rate']:.2f}; "
+        f"ROUGE-L {metrics['eval/rouge_l_mean']:.4f}, KL {metrics['eval/kl_mean']:.3f}, length {metrics['eval/length_mean']:.1f}, EOS {metrics['eval/eos_rate']:.2f}; "
         + comparison_line(metrics))
     return metrics

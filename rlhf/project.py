@@ -29,6 +29,12 @@ EVAL_COLUMNS = [
     "eval/repeated_3gram_fraction", "eval/distinct_2",
     *(f"eval/{name}{end}" for name in ("reward_delta_vs_initial", "reward_delta_vs_previous", "win_rate_vs_initial")
       for end in ("", "_ci_low", "_ci_high")),
+    "eval/rouge_1_mean", "eval/rouge_2_mean", "eval/rouge_l_mean",
+    *(f"eval/{name}{end}" for name in ("rouge_l_delta_vs_initial", "rouge_l_delta_vs_previous",
+                                       "rouge_l_win_rate_vs_initial", "length_delta_vs_initial",
+                                       "reward_delta_vs_initial_length_adjusted")
+      for end in ("", "_ci_low", "_ci_high")),
+    "eval/reward_length_slope", "eval/judge_disagreement",
 ]
 # Iteration k's training row describes the update that produced it (rollout of k − 1), so it starts at 1.
 TRAIN_COLUMNS = [
@@ -245,16 +251,28 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
 
 
 def print_summary(params: Params) -> None:
+    from rlhf.reports.judge import disagreement_warning
+
     path = history_path(params)
     rows = list(csv.DictReader(path.open())) if path.exists() else []
-    print(f"\n{'iteration':>9}  {'reward':>7}  {'Δ reward vs it. 0 [interval]':>28}  {'win rate vs it. 0 [interval]':>28}  "
+    print(f"\n{'iteration':>9}  {'reward':>7}  {'Δ reward vs it. 0 [interval]':>28}  {'length-adjusted Δ':>17}  "
+          f"{'win rate vs it. 0 [interval]':>28}  {'ROUGE-L':>7}  {'Δ ROUGE-L vs it. 0 [interval]':>29}  "
           f"{'KL':>6}  {'length':>6}  {'EOS':>4}  {'rep. 3-grams':>12}")
+    warnings = []
     for r in rows:
         print(f"{r['iteration']:>9}  {_cell(r, 'eval/reward_mean', '.4f'):>7}  "
               f"{_with_interval(r, 'eval/reward_delta_vs_initial', '+.4f'):>28}  "
-              f"{_with_interval(r, 'eval/win_rate_vs_initial', '.2f'):>28}  {_cell(r, 'eval/kl_mean', '.3f'):>6}  "
+              f"{_cell(r, 'eval/reward_delta_vs_initial_length_adjusted', '+.4f'):>17}  "
+              f"{_with_interval(r, 'eval/win_rate_vs_initial', '.2f'):>28}  {_cell(r, 'eval/rouge_l_mean', '.4f'):>7}  "
+              f"{_with_interval(r, 'eval/rouge_l_delta_vs_initial', '+.4f'):>29}  {_cell(r, 'eval/kl_mean', '.3f'):>6}  "
               f"{_cell(r, 'eval/length_mean', '.1f'):>6}  {_cell(r, 'eval/eos_rate', '.2f'):>4}  "
               f"{_cell(r, 'eval/repeated_3gram_fraction', '.3f'):>12}")
+        flag = r.get("eval/judge_disagreement") or ""
+        warning = disagreement_warning(float(flag)) if flag else None
+        if warning:
+            warnings.append(f"iteration {r['iteration']}: {warning}")
+    for line in warnings:
+        print(line)
     m = Path(params.paths.metrics)
     print(f"\nmetrics: {m / 'eval.json'}, {m / 'update.json'}, {m / 'objective.json'}, history {path}")
     print(f"sample table: {m / 'report.html'} / {m / 'report.md'} (vs. previous iteration), {m / 'samples.md'}")

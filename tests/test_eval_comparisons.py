@@ -57,7 +57,8 @@ def test_summary_prints_win_rate_and_change_with_intervals(project, monkeypatch,
     out = capsys.readouterr().out
     assert "win rate vs it. 0" in out and "rep. 3-grams" in out
     line = next(x for x in out.splitlines() if x.strip().startswith("1 "))
-    assert line.count("[") == 2  # Δ reward and win rate, each with its interval
+    assert line.count("[") == 3  # Δ reward, win rate and Δ ROUGE-L, each with its interval
+    assert "ROUGE-L" in out and "length-adjusted" in out
     assert "0.50 [0.50, 0.50]" in next(x for x in out.splitlines() if x.strip().startswith("0 "))
 
 
@@ -131,12 +132,15 @@ def test_several_samples_per_prompt_average_into_one_row_per_prompt():
 
     prompts = pd.DataFrame({"prompt_id": ["p", "q"], "query": ["Q1", "Q2"], "reference": ["R1", "R2"]})
     samples = pd.DataFrame({"row": [0, 0, 1, 1], "summary": ["a", "b", "c", "d"], "reward": [0.1, 0.3, 0.5, 0.9],
-                            "kl": [1.0, 2.0, 0.0, 4.0], "length": [3, 5, 7, 7], "eos": [True, False, True, True]})
+                            "kl": [1.0, 2.0, 0.0, 4.0], "length": [3, 5, 7, 7], "eos": [True, False, True, True],
+                            "rouge_1": [0.2, 0.4, 0.0, 1.0], "rouge_2": [0.0, 0.2, 0.0, 0.5],
+                            "rouge_l": [0.1, 0.3, 0.0, 0.8]})
     table = per_prompt_table(prompts, samples)
     assert table["prompt_id"].tolist() == ["p", "q"] and table["summary"].tolist() == ["a", "c"]
     assert table["reward"].tolist() == pytest.approx([0.2, 0.7])
     assert table["kl"].tolist() == [1.5, 2.0] and table["length"].tolist() == [4.0, 7.0]
     assert table["eos"].tolist() == [0.5, 1.0] and table["summaries"].tolist() == [["a", "b"], ["c", "d"]]
+    assert table["rouge_l"].tolist() == pytest.approx([0.2, 0.4]) and table["rouge_2"].tolist() == [0.1, 0.25]
 
 
 @pytest.mark.parametrize("section, message", [
@@ -150,3 +154,110 @@ def test_bad_eval_params_are_rejected(section, message):
 
     with pytest.raises(ParamsError, match=message):
         parse_params(full_params(eval=section))
+
+
+# --- the independent judge (ROUGE), length control and the reward/judge disagreement ---------------------------------
+
+def test_rouge_matches_the_packages_documented_example_and_a_hand_computed_case():
+    from rlhf.reports.judge import rouge
+
+    # rouge-score's README example (target first there): rouge1 P 0.75 R 0.6667, rougeL P 0.625 R 0.5556
+    got = rouge(["The quick brown dog jumps on the log."], ["The quick brown fox jumps over the lazy dog"])
+    assert got["rouge_1"][0] == pytest.approx(2 * 0.75 * (2 / 3) / (0.75 + 2 / 3))
+    assert got["rouge_l"][0] == pytest.approx(2 * 0.625 * (5 / 9) / (0.625 + 5 / 9))
+    # by hand: "the cat sat on the mat" vs "the cat lay on a mat": unigrams the, cat, on, mat shared (4 of 6 each side);
+    # bigrams (the cat) only of 5 each; LCS "the cat on mat" = 4 tokens
+    got = rouge(["the cat sat on the mat", "", "Cats were running!"], ["the cat lay on a mat", "a mat", "cat runs"])
+    assert got["rouge_1"].tolist() == pytest.approx([4 / 6, 0.0, 2 * (2 / 3) * 1.0 / (2 / 3 + 1.0)])
+    assert got["rouge_2"][0] == pytest.approx(1 / 5)
+    assert got["rouge_l"][0] == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="one each"):
+        rouge(["a"], [])
+
+
+def _judged(values: dict) -> pd.DataFrame:
+    """prompt_id → (reward, rouge_l, length) as a held-out table."""
+    return pd.DataFrame({"prompt_id": list(values), "reward": [v[0] for v in values.values()],
+                         "rouge_l": [v[1] for v in values.values()], "length": [v[2] for v in values.values()]})
+
+
+def _compare_judged(tmp_path, now: dict, initial: dict, iteration: int = 1) -> dict:
+    from rlhf.config.params import parse_params
+    from rlhf.evaluation import comparison_metrics
+
+    _judged(initial).to_json(tmp_path / "iter-0.jsonl", orient="records", lines=True)
+    return comparison_metrics(_judged(now), iteration, tmp_path, parse_params(full_params()).eval, seed=0)
+
+
+def test_rouge_comparisons_are_the_rewards_code_path_on_the_same_numbers(tmp_path):
+    rng = __import__("numpy").random.default_rng(0)
+    initial = {f"p{i}": (float(x), float(x), 10.0) for i, x in enumerate(rng.uniform(0, 1, 40))}
+    now = {k: (v[0] + float(d), v[0] + float(d), 10.0) for (k, v), d in zip(initial.items(), rng.normal(0.05, 0.1, 40))}
+    got = _compare_judged(tmp_path, now, initial)
+    for end in ("", "_ci_low", "_ci_high"):
+        assert got[f"eval/rouge_l_delta_vs_initial{end}"] == got[f"eval/reward_delta_vs_initial{end}"]
+        assert got[f"eval/rouge_l_delta_vs_previous{end}"] == got[f"eval/reward_delta_vs_previous{end}"]
+        assert got[f"eval/rouge_l_win_rate_vs_initial{end}"] == got[f"eval/win_rate_vs_initial{end}"]
+    assert got["eval/rouge_l_delta_vs_initial_ci_low"] < got["eval/rouge_l_delta_vs_initial_ci_high"]
+
+
+@pytest.mark.parametrize("reward_step, rouge_step, flag, words", [
+    (+0.3, -0.3, 1, "possible reward hacking"),
+    (-0.3, +0.3, -1, "the reward model disagrees with the judge"),
+    (+0.3, +0.3, 0, None),
+    (+0.3, 0.0, 0, None),
+])
+def test_the_disagreement_warning_fires_only_when_both_intervals_exclude_zero_in_opposite_directions(
+        tmp_path, capsys, reward_step, rouge_step, flag, words):
+    from rlhf.evaluation import comparison_line
+    from rlhf.reports.judge import disagreement_warning
+
+    rng = __import__("numpy").random.default_rng(1)
+    initial = {f"p{i}": (0.5, 0.3, 20.0) for i in range(30)}
+    now = {k: (0.5 + reward_step + float(e), 0.3 + rouge_step + float(f), 20.0)
+           for k, e, f in zip(initial, rng.normal(0, 0.05, 30), rng.normal(0, 0.05, 30))}
+    got = _compare_judged(tmp_path, now, initial)
+    assert got["eval/judge_disagreement"] == flag
+    line = comparison_line({**got, "eval/repeated_3gram_fraction": 0.0})
+    if words is None:
+        assert "WARNING" not in line and disagreement_warning(flag) is None
+    else:
+        assert words in line and "WARNING" in line
+
+
+def test_the_length_adjusted_change_removes_a_gain_that_is_only_length(tmp_path):
+    # iteration 0: reward rises 0.01 per token across prompts; the new policy only writes 20 tokens longer
+    initial = {f"p{i}": (0.01 * n, 0.2, float(n)) for i, n in enumerate(range(10, 50, 2))}
+    now = {k: (v[0] + 0.2, 0.2, v[2] + 20) for k, v in initial.items()}
+    got = _compare_judged(tmp_path, now, initial)
+    assert got["eval/reward_length_slope"] == pytest.approx(0.01)
+    assert got["eval/reward_delta_vs_initial"] == pytest.approx(0.2)
+    assert got["eval/length_delta_vs_initial"] == pytest.approx(20.0)
+    for end in ("", "_ci_low", "_ci_high"):
+        assert got[f"eval/reward_delta_vs_initial_length_adjusted{end}"] == pytest.approx(0.0, abs=1e-12)
+    # the same gain at unchanged length keeps all of it
+    got = _compare_judged(tmp_path, {k: (v[0] + 0.2, 0.2, v[2]) for k, v in initial.items()}, initial)
+    assert got["eval/reward_delta_vs_initial_length_adjusted"] == pytest.approx(0.2)
+
+
+def test_the_slope_is_least_squares_against_a_float64_loop():
+    from rlhf.reports.statistics import least_squares_slope
+
+    x, y = [3.0, 7.0, 1.0, 9.0, 4.0], [0.2, 0.9, 0.1, 0.7, 0.5]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+    assert least_squares_slope(x, y) == pytest.approx(slope, rel=1e-12)
+    assert least_squares_slope([5.0, 5.0], [0.1, 0.9]) == 0.0  # no spread in length: nothing to explain
+
+
+def test_an_archive_written_before_rouge_leaves_only_the_rouge_comparisons_out(tmp_path, capsys):
+    now = {"a": (0.5, 0.2, 10.0), "b": (0.1, 0.3, 12.0)}
+    _table({"a": 0.4, "b": 0.0}).to_json(tmp_path / "iter-0.jsonl", orient="records", lines=True)
+    from rlhf.config.params import parse_params
+    from rlhf.evaluation import comparison_metrics
+
+    got = comparison_metrics(_judged(now), 1, tmp_path, parse_params(full_params()).eval, seed=0)
+    assert got["eval/reward_delta_vs_initial"] == pytest.approx(0.1)
+    assert got["eval/rouge_l_delta_vs_initial"] is None and got["eval/judge_disagreement"] is None
+    assert got["eval/reward_delta_vs_initial_length_adjusted"] is None  # the old table has no length either
+    assert "has no rouge_l column" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Per-iteration sample report: for the fixed held-out prompts, the post, this iteration's summary and reward, the
-previous iteration's summary and reward, and the human reference, biggest reward changes first (HTML + Markdown)."""
+"""Per-iteration sample report: for the fixed held-out prompts, the post, this iteration's summary, reward and ROUGE-L
+(the independent judge), the previous iteration's summary and reward, and the human reference, biggest reward changes
+first (HTML + Markdown)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def compare(metrics_dir: Path, iteration: int) -> pd.DataFrame:
     else:
         now = now.assign(previous=None, previous_reward=float("nan"))
     now["change"] = now["reward"] - now["previous_reward"]
+    if "rouge_l" not in now.columns:  # an archive from before ROUGE was judged
+        now["rouge_l"] = float("nan")
     return now.sort_values("change", key=lambda c: c.abs(), ascending=False, na_position="last").reset_index(drop=True)
 
 
@@ -42,10 +45,15 @@ def _fmt(x: float) -> str:
     return "" if pd.isna(x) else f"{x:+.3f}" if x != 0 else "0.000"
 
 
+def _num(x: float, digits: int = 3) -> str:
+    return "" if pd.isna(x) else f"{x:.{digits}f}"
+
+
 def render_html(df: pd.DataFrame, iteration: int) -> str:
     e = lambda s: html.escape("" if s is None or (isinstance(s, float) and pd.isna(s)) else str(s))  # noqa: E731
     rows = "\n".join(
         f"<tr><td class=post>{e(post_text(r.query))[:1200]}</td><td>{e(r.summary)}</td><td class=num>{r.reward:.3f}</td>"
+        f"<td class=num>{_num(r.rouge_l)}</td>"
         f"<td>{e(r.previous)}</td><td class=num>{'' if pd.isna(r.previous_reward) else f'{r.previous_reward:.3f}'}</td>"
         f"<td class=num>{_fmt(r.change)}</td><td>{e(r.reference)}</td></tr>"
         for r in df.itertuples())
@@ -55,9 +63,9 @@ def render_html(df: pd.DataFrame, iteration: int) -> str:
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top}}th{{background:#f3f3f3;position:sticky;top:0}}
 .post{{max-width:420px;font-size:12px;color:#444}}.num{{text-align:right;font-variant-numeric:tabular-nums}}</style>
 </head><body><h1>Held-out samples, iteration {iteration}</h1>
-<p>{len(df)} prompts · mean reward {df['reward'].mean():.4f} · mean change vs. iteration {iteration - 1}:
+<p>{len(df)} prompts · mean reward {df['reward'].mean():.4f} · mean ROUGE-L {_num(df['rouge_l'].mean(), 4)} · mean change vs. iteration {iteration - 1}:
 {_fmt(mean_change)} · sorted by |reward change|</p>
-<table id="samples"><thead><tr><th>post</th><th>summary (iteration {iteration})</th><th>reward</th>
+<table id="samples"><thead><tr><th>post</th><th>summary (iteration {iteration})</th><th>reward</th><th>ROUGE-L</th>
 <th>previous summary</th><th>previous reward</th><th>change</th><th>human reference</th></tr></thead><tbody>
 {rows}
 </tbody></table></body></html>
@@ -67,8 +75,9 @@ td,th{{border:1px solid #ccc;padding:6px;vertical-align:top}}th{{background:#f3f
 def render_markdown(df: pd.DataFrame, iteration: int) -> str:
     cell = lambda s: "" if s is None or (isinstance(s, float) and pd.isna(s)) else " ".join(str(s).split()).replace("|", "\\|")[:300]  # noqa: E731
     lines = [f"# Held-out samples, iteration {iteration} (biggest reward changes first)", "",
-             "| post | summary | reward | previous summary | change | reference |", "|---|---|---:|---|---:|---|"]
-    lines += [f"| {cell(post_text(r.query))} | {cell(r.summary)} | {r.reward:.3f} | {cell(r.previous)} | "
+             "| post | summary | reward | ROUGE-L | previous summary | change | reference |",
+             "|---|---|---:|---:|---|---:|---|"]
+    lines += [f"| {cell(post_text(r.query))} | {cell(r.summary)} | {r.reward:.3f} | {_num(r.rouge_l)} | {cell(r.previous)} | "
               f"{_fmt(r.change)} | {cell(r.reference)} |" for r in df.itertuples()]
     return "\n".join(lines) + "\n"
 

@@ -38,6 +38,16 @@ def wins(rewards: Sequence[float], baseline: Sequence[float]) -> np.ndarray:
     return np.where(r > b, 1.0, np.where(r == b, 0.5, 0.0))  # (P,)
 
 
+def least_squares_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """The slope b of the least-squares line y ≈ a + b·x; 0 when x does not vary (no line to fit)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)  # (P,), (P,)
+    if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"least_squares_slope: needs two 1-D arrays of one length (got {x.shape}, {y.shape})")
+    dx = x - x.mean()  # (P,)
+    sxx = float(dx @ dx)
+    return 0.0 if sxx == 0.0 else float(dx @ (y - y.mean())) / sxx
+
+
 def words(text: str) -> list[str]:
     return text.lower().split()
 
