@@ -180,6 +180,50 @@ def report(params: Path = ParamsOpt,
 
     _run(go)
 
+seeds_app = typer.Typer(no_args_is_help=True, help="The same configuration under several seeds, and the seeds together.")
+app.add_typer(seeds_app, name="seeds")
+
+
+@seeds_app.command("run")
+def seeds_run(seeds: list[int] = typer.Option([42, 1, 2], "--seed", "-s", help="a seed (repeat the option)"),
+              iterations: int = typer.Option(4, "--iterations", "-n", min=1),
+              out: Path = typer.Option(Path("runs/seeds"), help="folder of the seed-<s> worktrees"),
+              overrides: list[str] = typer.Option([], "--set", help="key=value in params.yaml, e.g. optim.lr=1e-4"),
+              params: Path = ParamsOpt):
+    """Train each seed in its own git worktree of HEAD (this params.yaml, `seed` and --set applied), one after
+    another, then write the report. A stopped run is continued."""
+    from rlhf import seeds as sd
+
+    def go():
+        sd.run(list(seeds), iterations, out, list(overrides), params)
+        sd.report(out)
+
+    _run(go)
+
+
+@seeds_app.command("report")
+def seeds_report(out: Path = typer.Argument(Path("runs/seeds"), help="folder of seed-<s> runs")):
+    """Mean and spread across seeds per iteration (seeds.md / seeds.csv) and every seed's curve (seeds.svg/png)."""
+    from rlhf import seeds as sd
+
+    _run(lambda: print((out / "seeds.md").read_text() if sd.report(out) else ""))
+
+
+@seeds_app.command("compare")
+def seeds_compare(a: Path = typer.Argument(..., help="baseline seeds folder"),
+                  b: Path = typer.Argument(..., help="variant seeds folder"),
+                  out: Optional[Path] = typer.Option(None, help="also write the table to this Markdown file")):
+    """B − A per iteration on ROUGE-L and on the reward, paired by seed and held-out prompt."""
+    from rlhf import seeds as sd
+
+    def go():
+        text = sd.compare_markdown(sd.compare(a, b), a, b)
+        print(text)
+        if out:
+            out.write_text(text)
+
+    _run(go)
+
 
 def main() -> None:
     app()

@@ -25,7 +25,7 @@ def main(params) -> None:
     df = clean_rows(source, counts)
     tokenizer = load_tokenizer(Path(params.paths.policy_model))
     df = tokenize_prompts(df, tokenizer, params, counts)
-    train, evaluation = split(df, params.data.eval_size, params.seed)
+    train, evaluation = split(df, params.data.eval_size, params.data.split_seed)
 
     out = Path(params.paths.prepared)
     write_artifact(train, "prompts", out / "train.parquet")

@@ -43,8 +43,9 @@ def main(params) -> None:
                                params.optim.schedule)
     opts = (make_optimizer(named[0], params.optim.lr * factor, params, device),
             make_optimizer(named[1], params.optim.critic_lr * factor, params, device))
-    load_optimizer(opts[0], named[0], current / OPTIMIZER_DIR / "policy.safetensors")
-    load_optimizer(opts[1], named[1], current / OPTIMIZER_DIR / "critic.safetensors")
+    if not params.optim.reset_moments:
+        load_optimizer(opts[0], named[0], current / OPTIMIZER_DIR / "policy.safetensors")
+        load_optimizer(opts[1], named[1], current / OPTIMIZER_DIR / "critic.safetensors")
     groups = build_groups(df, device.where)
 
     start = time.perf_counter()

@@ -89,6 +89,7 @@ class Data(_Section):
     source: str  # "local" (paths.source_data) or a hub dataset id such as trl-lib/tldr
     split: str
     eval_size: int = Field(ge=1)
+    split_seed: int = Field(ge=0)  # the held-out split only: other seeds keep the same held-out prompts
     max_prompt_tokens: int = Field(ge=8)
     overlong: Literal["drop", "truncate"]
 
@@ -186,6 +187,9 @@ class Optim(_Section):
     beta1: float = Field(ge=0, lt=1)
     beta2: float = Field(ge=0, lt=1)
     eps: float = Field(gt=0)
+    # Adam's moments carried across iterations shrink its step as their history grows; reset: each iteration starts
+    # them afresh (the next iteration's batch is new data, so the old moments describe another objective)
+    reset_moments: bool
     schedule: Literal["constant", "linear", "cosine"]
     warmup_iterations: int = Field(ge=0)
     total_iterations: int = Field(ge=1)
