@@ -14,12 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import stage_main
+from conftest import ROOT, stage_main, tiny_params
 from rlhf import project as proj
 from rlhf.artifacts.files import write_json
 from rlhf.artifacts.schema import read_artifact, write_artifact
+from rlhf.config.params import parse_params
 from rlhf.models.checkpoint import POLICY_ADAPTER, load_actors, save_adapters
-from rlhf.models.sources import load_causal_lm
+from rlhf.models.scorers import load_scorer
+from rlhf.models.sources import load_causal_lm, make_model_available
+from rlhf.reports.rm_accuracy import run as rm_accuracy
+from rlhf.runtime.device import resolve_device
 from test_wiring import base_models, make_params, project_dir, prepare_iteration  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,3 +65,35 @@ def test_sample_stage_draws_another_batch_each_iteration_and_seed(project_dir, t
     assert sampled_ids(params, 2) == batches[2]  # a function of (seed, iteration): a rerun draws the same batch
     other_seed = make_params(tiny_policy, tiny_reward, rollout={"batch_size": 4}).model_copy(update={"seed": 7})
     assert sampled_ids(other_seed, 2) != batches[2]
+
+
+# --------------------------------------------------------------------------------------------- rm-accuracy
+
+
+def test_rm_accuracy_scores_the_human_choice_as_chosen(tmp_path, monkeypatch, tiny_policy, tiny_reward):
+    """Real TL;DR pairs relabelled from the tiny classifier's own scores: the human `chosen` is its higher-scored
+    summary in 6 of 8 pairs (5 of 6 at strength 4, 1 of 2 at strength 1). The report, through `run` with the real
+    scorer, must say 0.75; with chosen and rejected swapped where it calls the scorer it would say 0.25."""
+    monkeypatch.chdir(tmp_path)
+    params = parse_params(tiny_params(tiny_policy, tiny_reward))
+    make_model_available(params.reward_model.id, None, Path(params.paths.reward_model), "reward")
+    real = pd.read_parquet(ROOT / "data/tldr/comparisons-batch13-18.parquet")
+    real = real.drop_duplicates("post_id").head(24).reset_index(drop=True)
+    scorer = load_scorer(Path(params.paths.reward_model), params.reward_model, resolve_device("cpu", "float32"))
+    s0 = scorer.score(list(real["prompt"]), list(real["summary_0"]), [None] * len(real))
+    s1 = scorer.score(list(real["prompt"]), list(real["summary_1"]), [None] * len(real))
+    apart = np.abs(s0 - s1) > 1e-3  # batched and one-by-one scores agree to 1e-4: no pair's order can flip
+    real, higher_is_1 = real[apart].head(8).reset_index(drop=True), (s1 > s0)[apart][:8]
+    assert len(real) == 8
+    agrees = np.array([True, True, True, True, True, False, True, False])  # the human choice = the higher score
+    strength = np.array([4, 4, 4, 4, 4, 4, 1, 1])
+    choice = np.where(agrees, higher_is_1, ~higher_is_1).astype(int)  # 1: summary_1 chosen
+    real["chosen"] = np.where(choice == 1, real["summary_1"], real["summary_0"])
+    real["confidence"] = np.where(choice == 1, 5 + strength, 5 - strength)  # 1-4 prefer summary_0, 6-9 summary_1
+    real.to_parquet("comparisons.parquet")
+
+    report = rm_accuracy(params, Path("comparisons.parquet"), Path("rm.json"))
+    assert report["pairs"] == 8 and report["exact_ties"] == 0
+    assert report["accuracy"] == pytest.approx(0.75), f"accuracy {report['accuracy']}, built to be 0.75"
+    assert report["confidence_4"]["accuracy"] == pytest.approx(5 / 6)
+    assert report["confidence_1"]["accuracy"] == pytest.approx(1 / 2)
