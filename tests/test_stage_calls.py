@@ -24,6 +24,7 @@ from rlhf.models.scorers import load_scorer
 from rlhf.models.sources import load_causal_lm, make_model_available
 from rlhf.reports.rm_accuracy import run as rm_accuracy
 from rlhf.runtime.device import resolve_device
+from test_models import perturb_adapter, project, prompts_and_responses  # noqa: F401 (fixture)
 from test_wiring import base_models, make_params, project_dir, prepare_iteration  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,3 +98,45 @@ def test_rm_accuracy_scores_the_human_choice_as_chosen(tmp_path, monkeypatch, ti
     assert report["accuracy"] == pytest.approx(0.75), f"accuracy {report['accuracy']}, built to be 0.75"
     assert report["confidence_4"]["accuracy"] == pytest.approx(5 / 6)
     assert report["confidence_1"]["accuracy"] == pytest.approx(1 / 2)
+
+
+# --------------------------------------------------------------------------------------------- held-out KL
+
+KL_RTOL = 1e-4
+
+
+def naive_kls(policy_lm, reference_lm, prompt: list, response: list, temperature: float) -> tuple[float, float]:
+    """Σ_t KL(π ‖ π_ref) and Σ_t KL(π_ref ‖ π) along one response, in float64 from one plain forward pass of each
+    model over prompt + response."""
+    ids = torch.tensor([prompt + response])
+    at = slice(len(prompt) - 1, len(prompt) - 1 + len(response))  # the positions that predict the response
+    with torch.no_grad():
+        lp, lq = (torch.log_softmax(lm(input_ids=ids).logits[0, at].double() / temperature, dim=-1)
+                  for lm in (policy_lm, reference_lm))
+    return float((lp.exp() * (lp - lq)).sum()), float((lq.exp() * (lq - lp)).sum())
+
+
+def test_held_out_kl_is_policy_to_reference(project, tiny_policy, tiny_reward):
+    """The evaluation's KL (sampler's log-probs, reference over the responses on its cached prompt keys/values) on a
+    trained-looking adapter at eval.temperature 0.05: tempered this sharply, the two distributions at a position
+    are far apart and KL(π ‖ π_ref) and KL(π_ref ‖ π) differ by 7% or more on every response (at 0.7 they differ
+    by ~3e-4), > 10 × the tolerance. Checked against the first from plain float64 passes, the reference a
+    separately loaded base."""
+    from rlhf.evaluation import held_out_responses
+
+    params = parse_params(tiny_params(tiny_policy, tiny_reward, eval={
+        "temperature": 0.05, "greedy": False, "samples_per_prompt": 2, "generation_chunk": 3,
+        "reference_cache": "cache"}))
+    actors = load_actors(params, Path("state"), trainable=False, with_critic=False)
+    perturb_adapter(actors)
+    prompts, _ = prompts_and_responses(actors.tokenizer, n=3)
+    prompts = [p[: 15 + 7 * i] for i, p in enumerate(prompts)]
+    rows = [0, 0, 1, 1, 2, 2]
+    responses, kls = held_out_responses(params, actors, prompts, [prompts[i] for i in rows], rows)
+
+    base = load_causal_lm(Path(params.paths.policy_model), "float32")
+    actors.use(POLICY_ADAPTER)
+    naive = np.array([naive_kls(actors.model, base, prompts[i], r, 0.05) for i, r in zip(rows, responses)])
+    forward, reverse = naive[:, 0], naive[:, 1]
+    assert np.min(np.abs(reverse - forward) / forward) > 10 * KL_RTOL  # the test can tell the two directions apart
+    np.testing.assert_allclose(kls, forward, rtol=KL_RTOL)
