@@ -105,15 +105,25 @@ def test_rm_accuracy_scores_the_human_choice_as_chosen(tmp_path, monkeypatch, ti
 KL_RTOL = 1e-4
 
 
-def naive_kls(policy_lm, reference_lm, prompt: list, response: list, temperature: float) -> tuple[float, float]:
-    """Σ_t KL(π ‖ π_ref) and Σ_t KL(π_ref ‖ π) along one response, in float64 from one plain forward pass of each
-    model over prompt + response."""
-    ids = torch.tensor([prompt + response])
-    at = slice(len(prompt) - 1, len(prompt) - 1 + len(response))  # the positions that predict the response
+def tempered_logprobs(lm, prompt: list, response: list, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) at the positions that predict each response token, (R, V) float64, from one plain
+    forward pass of a causal LM over prompt + response."""
+    at = slice(len(prompt) - 1, len(prompt) - 1 + len(response))
     with torch.no_grad():
-        lp, lq = (torch.log_softmax(lm(input_ids=ids).logits[0, at].double() / temperature, dim=-1)
-                  for lm in (policy_lm, reference_lm))
+        return torch.log_softmax(lm(input_ids=torch.tensor([prompt + response])).logits[0, at].double() / temperature,
+                                 dim=-1)
+
+
+def naive_kls(policy_lm, reference_lm, prompt: list, response: list, temperature: float) -> tuple[float, float]:
+    """Σ_t KL(π ‖ π_ref) and Σ_t KL(π_ref ‖ π) along one response, in float64."""
+    lp, lq = (tempered_logprobs(lm, prompt, response, temperature) for lm in (policy_lm, reference_lm))
     return float((lp.exp() * (lp - lq)).sum()), float((lq.exp() * (lq - lp)).sum())
+
+
+def naive_token_logprobs(lm, prompt: list, response: list, temperature: float) -> np.ndarray:
+    """log π(a_t | s_t) of each response token at `temperature`, float64."""
+    lp = tempered_logprobs(lm, prompt, response, temperature)
+    return lp[torch.arange(len(response)), torch.tensor(response)].numpy()
 
 
 def test_held_out_kl_is_policy_to_reference(project, tiny_policy, tiny_reward):
@@ -140,3 +150,26 @@ def test_held_out_kl_is_policy_to_reference(project, tiny_policy, tiny_reward):
     forward, reverse = naive[:, 0], naive[:, 1]
     assert np.min(np.abs(reverse - forward) / forward) > 10 * KL_RTOL  # the test can tell the two directions apart
     np.testing.assert_allclose(kls, forward, rtol=KL_RTOL)
+
+
+# --------------------------------------------------------------------------------------------- rollout
+
+
+def test_rollout_stores_the_policys_logprobs_at_the_sampling_temperature(project_dir, tiny_policy, tiny_reward):
+    """The rollout stage on a trained-looking adapter at rollout.temperature 0.3 (the held-out one stays 0.7): the
+    stored log-probs must be those of the stored responses under the policy's logits / 0.3, from plain float64
+    passes, to 1e-4. Without the division, or at 0.7, they are off by tenths of a nat."""
+    params = make_params(tiny_policy, tiny_reward, rollout={"temperature": 0.3, "batch_size": 4, "max_new_tokens": 6})
+    proj.init(params, evaluate_baseline=False, track=False)
+    current = Path(params.paths.current)
+    actors = load_actors(params, current, trainable=False, with_critic=False)
+    perturb_adapter(actors)
+    save_adapters(actors.model, current, [POLICY_ADAPTER])
+    write_artifact(synthetic_prompts(4, seed=1), "prompts", Path(params.paths.iteration) / "batch.parquet")
+    stage_main("rollout")(params)
+
+    rollout = read_artifact(Path(params.paths.iteration) / "rollout.parquet", "rollout")
+    actors.use(POLICY_ADAPTER)
+    for prompt, response, stored in zip(rollout["prompt_ids"], rollout["response_ids"], rollout["logprobs"]):
+        want = naive_token_logprobs(actors.model, list(prompt), list(response), 0.3)
+        np.testing.assert_allclose(stored, want, rtol=0, atol=1e-4)
