@@ -7,6 +7,7 @@ reference that is the live policy. Each is built so that the bug moves the resul
 expected values are computed here, independently, in float64 from plain forward passes.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from rlhf.models.sources import load_causal_lm, make_model_available
 from rlhf.reports.rm_accuracy import run as rm_accuracy
 from rlhf.runtime.device import resolve_device
 from test_models import perturb_adapter, project, prompts_and_responses  # noqa: F401 (fixture)
-from test_wiring import base_models, make_params, project_dir, prepare_iteration  # noqa: F401 (fixtures)
+from test_wiring import base_models, make_params, prepare_iteration, project_dir, write_rollout  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,3 +174,34 @@ def test_rollout_stores_the_policys_logprobs_at_the_sampling_temperature(project
     for prompt, response, stored in zip(rollout["prompt_ids"], rollout["response_ids"], rollout["logprobs"]):
         want = naive_token_logprobs(actors.model, list(prompt), list(response), 0.3)
         np.testing.assert_allclose(stored, want, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- reference
+
+
+def test_reference_stage_scores_the_initial_policy_after_an_update(project_dir, tiny_policy, tiny_reward):
+    """Iteration 0 is saved aside; a real update (lr 0.05, 2 epochs) moves the adapter and is advanced to; the
+    reference stage then scores a fresh rollout of the updated policy. Its log-probs must be the initial policy's,
+    from plain float64 passes, to 1e-4, and differ from the updated policy's by over 100 × that on every token (here
+    0.03 to 0.4): a reference that is the live policy would match the wrong one."""
+    params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 2, "num_minibatches": 1},
+                         optim={"lr": 5e-2}, rollout={"batch_size": 4})
+    proj.init(params, evaluate_baseline=False, track=False)
+    current = Path(params.paths.current)
+    shutil.copytree(current, project_dir / "initial")
+    prepare_iteration(params, seed=5)
+    stage_main("update")(params)
+    proj.advance(params, track=False)
+    write_rollout(params, seed=6)
+    stage_main("reference")(params)
+
+    rollout = read_artifact(Path(params.paths.iteration) / "rollout.parquet", "rollout")
+    reference = read_artifact(Path(params.paths.iteration) / "reference.parquet", "reference")
+    initial = load_actors(params, project_dir / "initial", trainable=False, with_critic=False)
+    updated = load_actors(params, current, trainable=False, with_critic=False)
+    gaps = []
+    for prompt, response, stored in zip(rollout["prompt_ids"], rollout["response_ids"], reference["ref_logprobs"]):
+        args = (list(prompt), list(response), params.rollout.temperature)
+        np.testing.assert_allclose(stored, naive_token_logprobs(initial.model, *args), rtol=0, atol=1e-4)
+        gaps.extend(np.abs(np.asarray(stored) - naive_token_logprobs(updated.model, *args)))
+    assert np.min(gaps) > 1e-2, f"the update moved log π by only {np.min(gaps):.2e} on some token"
