@@ -202,6 +202,16 @@ def test_edited_params_stop_a_stage_and_the_cli_with_one_line(tmp_path: Path, be
         assert lines[0].startswith("error: params.yaml: ")
 
 
+def test_preset_refuses_a_key_written_twice_and_leaves_the_file_alone(tmp_path: Path):
+    """`rlhf preset` rewrites params.yaml through ruamel, whose own refusal was a multi-line traceback."""
+    path = edited(tmp_path, "optim:\n", "optim:\n  lr: 1.0e-3\n")
+    before = path.read_text()
+    result = run(["rlhf", "preset", "qwen3-skywork"], tmp_path, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "optim.lr: set twice" in lines[0], result.stderr
+    assert path.read_text() == before
+
+
 def test_not_yaml(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("ppo: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):

@@ -351,7 +351,8 @@ def _refuse_repeated_keys(node: yaml.Node, where: tuple[str, ...] = ()) -> None:
             _refuse_repeated_keys(item, (*where, str(i)))
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_yaml(path: str | Path) -> dict | None:
+    """The params file's mapping, unvalidated; a missing file, broken YAML or a repeated key is a ParamsError."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: file not found")
@@ -366,6 +367,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    raw = read_yaml(path)
     try:
         return parse_params(raw)
     except ParamsError as err:
