@@ -116,19 +116,29 @@ def rm_accuracy(params: Path = ParamsOpt,
 
 
 @app.command()
-def plots(out: Path = typer.Option(Path("metrics/plots"), help="output folder"),
-          vega_cache: Path = typer.Option(Path(".cache/vega"), help="where the vega npm packages are kept"),
-          screenshots: bool = typer.Option(False, help="also write PNGs of the plots and the sample report")):
-    """Render `dvc plots show` to offline HTML; optionally screenshot it and the sample report (headless Chromium)."""
+def plots(params: Path = ParamsOpt,
+          out: Path = typer.Option(Path("metrics/plots"), help="output folder: one SVG per plot and index.html"),
+          screenshots: bool = typer.Option(False, help="also write plots.png (all plots) and report.png (the sample "
+                                                       "report, needs Chromium) to --images"),
+          images: Path = typer.Option(Path("docs/images"), help="where --screenshots writes its PNGs")):
+    """Draw dvc.yaml's plots offline (vl-convert: no browser, no network) to SVG files and an HTML page."""
     from rlhf.reports import plots as stage
 
-    page = stage.render(out, vega_cache)
-    if screenshots:
-        stage.screenshot(page, out / "plots.png")
-        report = Path("metrics/report.html")
-        if report.exists():
-            stage.screenshot(report, out / "report.png", height=1800)
-        typer.echo(f"screenshots: {out / 'plots.png'}, {out / 'report.png'}")
+    def go():
+        p = _params(params)  # a params slip stops here with its one line, before DVC reads the file
+        svgs = stage.render(out)
+        if screenshots:
+            written = [stage.png_sheet(svgs, images / "plots.png")]
+            report = Path(p.paths.metrics) / "report.html"
+            if not report.exists():
+                typer.echo(f"no {report} yet (written by the evaluate stage): report.png not written", err=True)
+            elif not stage.has_browser():
+                typer.echo("chromium not found: report.png not written (plots.png needs no browser)", err=True)
+            else:
+                written.append(stage.screenshot(report, images / "report.png"))
+            typer.echo(f"screenshots: {', '.join(str(p) for p in written)}")
+
+    _run(go)
 
 
 @app.command()

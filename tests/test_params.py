@@ -135,6 +135,83 @@ def test_cli_reports_one_line_and_writes_nothing(tmp_path: Path):
     assert set(tmp_path.rglob("*")) == before
 
 
+def edited(tmp_path: Path, before: str, after: str) -> Path:
+    """params.yaml as a user edits it: the shipped file, comments and all, with one text change."""
+    text = (ROOT / "params.yaml").read_text()
+    assert text.count(before) == 1, before
+    (tmp_path / "params.yaml").write_text(text.replace(before, after))
+    return tmp_path / "params.yaml"
+
+
+def line_of(path: Path, start: str, after: int = 0) -> int:
+    lines = path.read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if i > after and line.startswith(start))
+
+
+def test_a_key_written_twice_names_the_key_and_both_lines(tmp_path: Path):
+    """YAML keeps the last of two equal keys, so `lr:` written twice in optim once trained with the second."""
+    path = edited(tmp_path, "optim:\n", "optim:\n  lr: 1.0e-3                   # tried first\n")
+    optim = line_of(path, "optim:")
+    first, second = optim + 1, line_of(path, "  lr:", after=optim + 1)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert str(err.value) == (f"{path}: optim.lr: set twice (lines {first} and {second}); YAML would keep only the "
+                              "second, so delete one")
+
+
+def test_the_same_key_in_two_sections_is_fine():
+    p = load_params(ROOT / "params.yaml")  # lr and batch_size are each in two sections
+    assert (p.sft.lr, p.optim.lr) == (BASE["sft"]["lr"], BASE["optim"]["lr"])
+    assert (p.sft.batch_size, p.rollout.batch_size) == (BASE["sft"]["batch_size"], BASE["rollout"]["batch_size"])
+
+
+def test_a_section_written_twice_is_refused(tmp_path: Path):
+    text = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text + "train:\n  iterations: 2\n")
+    with pytest.raises(ParamsError, match=r"train: set twice \(lines \d+ and \d+\)"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("path,value", [("rollout.batch_size", True), ("optim.lr", False), ("seed", True),
+                                        ("ppo.max_grad_norm", True), ("sft.examples", True)])
+def test_a_boolean_where_a_number_goes_is_refused(path, value):
+    """pydantic's lax mode once read `rollout.batch_size: true` as a batch of 1."""
+    with pytest.raises(ParamsError) as err:
+        parse_params(with_change(path, value))
+    assert str(err.value) == f"{path}: a boolean where a number is expected (got {str(value).lower()})"
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", "true"])
+def test_a_boolean_key_takes_only_true_or_false(value):
+    with pytest.raises(ParamsError) as err:
+        parse_params(with_change("eval.greedy", value))
+    assert str(err.value) == f"eval.greedy: must be true or false (got {value!r})"
+
+
+@pytest.mark.parametrize("before,after,message", [
+    ("optim:\n", "optim:\n  lr: 1.0e-3\n", "optim.lr: set twice"),
+    ("  batch_size: 32 ", "  batch_size: true ", "rollout.batch_size: a boolean where a number is expected"),
+])
+def test_edited_params_stop_a_stage_and_the_cli_with_one_line(tmp_path: Path, before, after, message):
+    """Through a stage script (as `dvc repro` runs it) and through `rlhf check-params`: exit code 2, one line."""
+    edited(tmp_path, before, after)
+    for cmd in (stage("prepare"), ["rlhf", "check-params"]):
+        result = run(cmd, tmp_path, check=False)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (cmd, result.stderr)
+        assert lines[0].startswith("error: params.yaml: ")
+
+
+def test_preset_refuses_a_key_written_twice_and_leaves_the_file_alone(tmp_path: Path):
+    """`rlhf preset` rewrites params.yaml through ruamel, whose own refusal was a multi-line traceback."""
+    path = edited(tmp_path, "optim:\n", "optim:\n  lr: 1.0e-3\n")
+    before = path.read_text()
+    result = run(["rlhf", "preset", "qwen3-skywork"], tmp_path, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "optim.lr: set twice" in lines[0], result.stderr
+    assert path.read_text() == before
+
+
 def test_not_yaml(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("ppo: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):

@@ -3,17 +3,21 @@
 params.yaml is the single source of hyperparameters and paths: the models here declare types and ranges but no
 default values, so a params file must set every key (a missing section or key stops with one line naming it, and
 the code can never silently run with values of its own). Every section is a frozen pydantic model with
-`extra="forbid"`, so an unknown key, a wrong type or an out-of-range value stops with one line naming the key.
+`extra="forbid"`, so an unknown key, a wrong type or an out-of-range value stops with one line naming the key. Two
+slips YAML itself lets through stop the same way: a key written twice in one mapping (YAML keeps the last one) and
+a boolean where a number goes (pydantic would read `true` as 1), or anything but true/false where a boolean goes.
 Derived sizes (micro-batches per minibatch, ...) are properties here, never written back into the YAML.
 """
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
 EMBEDDED_SCORER = "embedded:all-minilm-l6-v2"
@@ -23,9 +27,27 @@ class ParamsError(ValueError):
     """A params problem, rendered as one line that names the key."""
 
 
+def _union_members(annotation) -> set:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set(get_args(annotation))
+    return {annotation}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False, validate_default=True, allow_inf_nan=False,
                               str_strip_whitespace=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_only_where_booleans_go(cls, value, info: ValidationInfo):
+        # pydantic's lax mode reads `true` as 1 for an int or float and 1 or "yes" as true for a bool
+        takes = _union_members(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in takes:
+            raise ValueError("a boolean where a number is expected" if takes & {int, float} else
+                             "a boolean where none is expected")
+        if bool in takes and value is not None and not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
 
 
 NonEmpty = Field(min_length=1)
@@ -303,7 +325,8 @@ def _format_error(err: ValidationError) -> str:
     if loc and msg.startswith(f"{loc}."):  # a section's own check that names the full key
         return msg
     got = first.get("input")
-    shown = "" if isinstance(got, dict) or msg.startswith(loc) else f" (got {got!r})"
+    as_written = str(got).lower() if isinstance(got, bool) else repr(got)  # true/false as in YAML
+    shown = "" if isinstance(got, dict) or msg.startswith(loc) else f" (got {as_written})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}"
 
 
@@ -314,16 +337,45 @@ def parse_params(raw: dict) -> Params:
         raise ParamsError(_format_error(err)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def _refuse_repeated_keys(node: yaml.Node, where: tuple[str, ...] = ()) -> None:
+    """A key written twice in one mapping: YAML silently keeps the last value, which is never what a user editing
+    params.yaml meant."""
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            line = key.start_mark.line + 1
+            if name in first_line:
+                raise ParamsError(f"{'.'.join((*where, name))}: set twice (lines {first_line[name]} and {line}); "
+                                  "YAML would keep only the second, so delete one")
+            first_line[name] = line
+            _refuse_repeated_keys(value, (*where, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeated_keys(item, (*where, str(i)))
+
+
+def read_yaml(path: str | Path) -> dict | None:
+    """The params file's mapping, unvalidated; a missing file, broken YAML or a repeated key is a ParamsError."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: file not found")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    try:
+        _refuse_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    raw = read_yaml(path)
     try:
         return parse_params(raw)
     except ParamsError as err:

@@ -49,10 +49,11 @@ def apply(name: str, params_file: Path, revisions: dict[str, str | None] | None 
     """Merge the preset into params_file, validate the result, and write it back only if it is valid."""
     from ruamel.yaml import YAML
 
-    from rlhf.config.params import ParamsError, parse_params
+    from rlhf.config.params import ParamsError, parse_params, read_yaml
 
     if name not in PRESETS:
         raise ParamsError(f"preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    read_yaml(params_file)  # a repeated key or broken YAML: our one line, not ruamel's traceback
     yaml = YAML()
     yaml.preserve_quotes = True
     doc = yaml.load(params_file.read_text())

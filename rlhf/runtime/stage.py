@@ -23,7 +23,9 @@ EXPECTED_ERRORS_EXIT = 2
 def run_stage(main: Callable[..., object], warm: bool = True, argv: list[str] | None = None) -> None:
     """warm=False for stages that never import torch (the hand-over would cost more than it saves)."""
     argv = list(sys.argv if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=Path(argv[0]).name, description=(main.__module__ or "").strip())
+    script = sys.modules.get(main.__module__)  # the stage script (__main__): its docstring says what the stage does
+    parser = argparse.ArgumentParser(prog=Path(argv[0]).name, description=((script and script.__doc__) or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", "-p", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument("args", nargs="*", help="stage arguments")
     ns = parser.parse_args(argv[1:])
