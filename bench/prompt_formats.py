@@ -1,7 +1,7 @@
 """Iteration-0 behaviour of the embedded policy under different prompt renderings: held-out-style reward (MiniLM
 similarity to the human TL;DR), EOS rate, repeated word 3-grams, distinct-2 and length, greedy, 53 new tokens.
 
-This is the measurement behind `policy_model.prompt_format` / `policy_model.instruction` (README, "What makes the
+This is the measurement behind `policy_model.prompt_format` / `policy_model.instruction` (docs/results.md, "What makes the
 default learn"). It uses transformers' generate and a plain MiniLM mean-pool so that it depends on nothing but a
 prepared project: run it in a project where `dvc repro prepare reward_model` has run.
 

@@ -39,9 +39,17 @@ def test_qwen3_skywork_preset_is_one_switch_and_fails_fast_offline(tmp_path):
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["policy_model"]["id"].startswith("embedded:")
 
 
-def test_readme_tables_are_the_generated_ones():
-    readme = (ROOT / "README.md").read_text()
-    for command in (["rlhf", "report"], ["rlhf", "params-doc"]):
-        generated = run(command, ROOT).stdout.strip()
-        assert readme.count(generated) == 1, command  # present, and not pasted twice
-    assert readme.count("Also checked:") == 1
+def test_docs_tables_are_the_generated_ones(tmp_path):
+    """docs/params.md holds `rlhf params-doc` of params.yaml; docs/gpu.md holds `rlhf report` of the params the
+    qwen3-skywork preset makes (its micro-batch, token budget and epochs, not the embedded default's)."""
+    import shutil
+
+    docs = ROOT / "docs"
+    params_md = (docs / "params.md").read_text()
+    assert params_md.count(run(["rlhf", "params-doc"], ROOT).stdout.strip()) == 1  # present, and not pasted twice
+    assert params_md.count("Also checked:") == 1
+    preset = tmp_path / "params.yaml"
+    shutil.copy2(ROOT / "params.yaml", preset)
+    run(["rlhf", "preset", "qwen3-skywork", "-p", str(preset)], tmp_path)
+    report = run(["rlhf", "report", "-p", str(preset)], ROOT).stdout.strip()
+    assert (docs / "gpu.md").read_text().count(report) == 1
