@@ -244,7 +244,7 @@ def test_critic_mode_full_end_to_end_on_a_bf16_base(tmp_path, tiny_policy, tiny_
 # --------------------------------------------------------------------------------------------- memory
 
 
-def test_per_stage_peaks_for_the_mission_configuration():
+def test_per_stage_peaks_for_the_qwen3_skywork_configuration():
     """Computed per-stage peaks: the reward stage holds the reward model alone, a full critic costs the update its
     fp32 copy with grads and moments, and the rendered table says where each stage fits."""
     from rlhf.config.presets import PRESETS
@@ -253,9 +253,9 @@ def test_per_stage_peaks_for_the_mission_configuration():
     raw = tiny_params(Path("p"), Path("r"))
     for section, values in PRESETS["qwen3-skywork"].items():
         raw[section].update(values)
-    big = parse_params(raw)
+    preset = parse_params(raw)
     configs = ROOT / "models/configs"
-    peaks = {name: gib for name, gib, _ in stage_peaks(big, configs)}
+    peaks = {name: gib for name, gib, _ in stage_peaks(preset, configs)}
     reward_weights = count_reward(configs) * 2 / GiB
     assert reward_weights < peaks["reward"] < reward_weights + 3
     assert peaks["rollout"] < 8 and peaks["update"] < peaks["reward"]
@@ -270,7 +270,7 @@ def test_per_stage_peaks_for_the_mission_configuration():
     raw["data"]["eval_size"] = 2000  # the reference's keys/values of 2000 prompts × 512 tokens, bf16: 109 GiB
     many = {name: gib for name, gib, _ in stage_peaks(parse_params(raw), configs)}
     assert many["evaluate"] > 2000 * 512 * 28 * 2 * 8 * 128 * 2 / GiB > peaks["evaluate"]
-    table = render_stages(big, configs)
+    table = render_stages(preset, configs)
     assert table.count("\n") == 6 and "| reward | " in table and "fits 24 GB" in table
 
 
