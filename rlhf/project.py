@@ -145,7 +145,7 @@ def check_base(folder: Path, model_id: str, revision: str | None, stage: str) ->
                          f"run `dvc repro {stage}` first")
 
 
-def evaluate_baseline(params: Params) -> None:
+def baseline_evaluation(params: Params) -> None:
     from rlhf.evaluation import evaluate
 
     current, metrics_dir = Path(params.paths.current), Path(params.paths.metrics)
@@ -305,4 +305,4 @@ if __name__ == "__main__":  # `python -m rlhf.project baseline`, params as JSON 
     from rlhf.config.params import parse_params
     from rlhf.runtime.stage import configure, guarded
 
-    sys.exit(guarded(lambda: evaluate_baseline(configure(parse_params(json.loads(sys.stdin.read()))))))
+    sys.exit(guarded(lambda: baseline_evaluation(configure(parse_params(json.loads(sys.stdin.read()))))))
