@@ -127,7 +127,8 @@ def test_cpu_rehearsal_of_the_gpu_command(bare_python, tmp_path):
     # the GPU's deadlines are sized for a GPU; a 2-core CPU gets more time for the same tiny work
     proc, out, marks = rehearsal(bare_python, tmp_path, *[f"--deadline={p}=900" for p in "abc"])
     output = proc.communicate(timeout=1800)[0]
-    assert proc.returncode == 0, output[-4000:]
+    stages_log = (out / "stages.log").read_text(errors="replace") if (out / "stages.log").exists() else ""
+    assert proc.returncode == 0, output[-3000:] + "\nstages.log:\n" + stages_log[-4000:]
     result = json.loads((out / "gpu.json").read_text())
     assert [k for k, v in result["parts"].items() if v["status"] == "ok"] == ["a", "b", "c"], output[-3000:]
     a, b, c = (result["parts"][k] for k in "abc")
