@@ -1,7 +1,8 @@
 """TRL 1.12 PPOTrainer on the benchmark's work, in its own environment: the TRL venv of bench/compare_trl.py (CPU) or
-the bench/.trl-site folder of bench/gpu_check.py --trl (GPU).
+the carried wheels of bench/gpu_run.sh (part c of bench/gpu_check.py).
 
-Prints one JSON line: wall seconds per phase, peak RSS, peak GPU memory, generated tokens."""
+Prints one JSON line (and writes it to the second argument, if given): wall seconds per phase, peak RSS, peak GPU
+memory allocated and reserved, generated tokens."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 
 
-def main(cfg_path: str) -> None:
+def main(cfg_path: str, out_path: str | None = None) -> None:
     cfg = json.loads(open(cfg_path).read())
     t_start = time.perf_counter()
     from datasets import Dataset
@@ -68,7 +69,7 @@ def main(cfg_path: str) -> None:
         torch.cuda.synchronize()
     t_end = time.perf_counter()
     on_gpu = device == "cuda"
-    print(json.dumps({
+    row = json.dumps({
         "system": "trl-1.12 PPOTrainer",
         "load_s": t_loaded - t_start + (t_train - t_loaded),
         "generate_s": gen_seconds[0],
@@ -77,10 +78,15 @@ def main(cfg_path: str) -> None:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "generated_tokens": len(prompts) * cfg["max_new_tokens"],
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 1024**3 if on_gpu else 0.0,
+        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if on_gpu else 0.0,
         "gpu": torch.cuda.get_device_name() if on_gpu else None,
         "trl_version": trl.__version__,
-    }))
+    })
+    print(row)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write(row)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

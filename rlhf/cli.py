@@ -17,15 +17,9 @@ ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params fil
 
 def _params(path: Path):
     from rlhf.config.params import load_params
-    from rlhf.runtime.progress import quiet_libraries
+    from rlhf.runtime.stage import configure
 
-    params = load_params(path)
-    quiet_libraries(params.runtime.progress)
-    if params.runtime.threads > 0:  # torch only when asked: commands without models never import it
-        import torch
-
-        torch.set_num_threads(params.runtime.threads)
-    return params
+    return configure(load_params(path))
 
 
 def _run(fn, *args) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -103,8 +104,10 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     current = Path(params.paths.current)
     if (current / STATE_FILE).exists() and not force:
         raise StateError(f"{current} already holds iteration {read_state(current)['iteration']}; use --force to reset")
-    if not Path(params.paths.policy_model).exists():
-        raise StateError(f"{params.paths.policy_model} missing: run `dvc repro policy_model` first")
+    check_base(Path(params.paths.policy_model), params.policy_model.id, params.policy_model.revision, "policy_model")
+    if evaluate_baseline:
+        check_base(Path(params.paths.reward_model), params.reward_model.id, params.reward_model.revision,
+                   "reward_model")
     from rlhf.models.checkpoint import init_state  # torch: imported only by the commands that make models
     from rlhf.models.start import sft_record
 
@@ -122,14 +125,40 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     metrics_dir = Path(params.paths.metrics)
     (metrics_dir / "samples").mkdir(parents=True, exist_ok=True)  # a dep of the evaluate stage, even if left empty
     if evaluate_baseline:
-        from rlhf.evaluation import evaluate
-
-        metrics = evaluate(params, current, metrics_dir / "eval_initial.json", metrics_dir / "samples_initial.md")
-        append_history(params, metrics)
-        samples_report.archive(metrics_dir / "samples_initial.jsonl", metrics_dir, 0)
-        samples_report.write(metrics_dir, 0)
+        # In a process of its own, as a stage runs: `rlhf train` goes on to `dvc repro`, whose stages need the
+        # device memory (and, on a GPU, the CUDA context) that the policy and reward model held here.
+        result = subprocess.run([sys.executable, "-m", "rlhf.project", "baseline"], input=params.model_dump_json(),
+                                text=True, env=_env())
+        if result.returncode != 0:
+            raise StateError(f"the baseline evaluation of iteration 0 failed (exit code {result.returncode})")
     if track:
         dvc("add", str(current))
+
+
+def check_base(folder: Path, model_id: str, revision: str | None, stage: str) -> None:
+    """The base model folder must hold the model the params name: after a change of preset it still holds the
+    previous one until its stage runs again."""
+    from rlhf.models.sources import SOURCE_FILE
+
+    source_file = folder / SOURCE_FILE
+    if not source_file.exists():
+        raise StateError(f"{folder} missing: run `dvc repro {stage}` first")
+    source = json.loads(source_file.read_text())
+    if (source.get("id"), source.get("revision")) != (model_id, revision):
+        found = source.get("id") + (f"@{source['revision']}" if source.get("revision") else "")
+        wanted = model_id + (f"@{revision}" if revision else "")
+        raise StateError(f"{folder} holds {found} but params.yaml's {stage}.id is {wanted}: "
+                         f"run `dvc repro {stage}` first")
+
+
+def baseline_evaluation(params: Params) -> None:
+    from rlhf.evaluation import evaluate
+
+    current, metrics_dir = Path(params.paths.current), Path(params.paths.metrics)
+    metrics = evaluate(params, current, metrics_dir / "eval_initial.json", metrics_dir / "samples_initial.md")
+    append_history(params, metrics)
+    samples_report.archive(metrics_dir / "samples_initial.jsonl", metrics_dir, 0)
+    samples_report.write(metrics_dir, 0)
 
 
 def advance(params: Params, track: bool = True) -> int:
@@ -288,3 +317,10 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 def _with_interval(row: dict, key: str, fmt: str) -> str:
     point, low, high = (_cell(row, key + end, fmt) for end in ("", "_ci_low", "_ci_high"))
     return point if point == "–" else f"{point} [{low}, {high}]"
+
+
+if __name__ == "__main__":  # `python -m rlhf.project baseline`, params as JSON on stdin (init's child process)
+    from rlhf.config.params import parse_params
+    from rlhf.runtime.stage import configure, guarded
+
+    sys.exit(guarded(lambda: baseline_evaluation(configure(parse_params(json.loads(sys.stdin.read()))))))

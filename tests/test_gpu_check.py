@@ -1,11 +1,16 @@
-"""bench/gpu_check.py without a GPU: the params it writes pass validation in every mode (a GPU session must not
-find out there), its table renders our side and TRL's, and (slow) the whole CPU rehearsal runs."""
+"""bench/gpu_run.sh without a GPU: the params it writes pass validation in every mode (a GPU session must not
+find out there), its table renders our side and TRL's, more ranks than GPUs is refused, and (slow) the CPU rehearsal
+of the one command: an environment holding none of the packages the GPU image lacks (they come from the carried
+cp311 wheels), a PYTHONPATH set beforehand, no package index, results under $OUT even when the run is killed."""
 
 import argparse
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,42 +27,136 @@ def gpu_check():
     return module
 
 
-def args(**kw):
-    base = {"device": "cuda", "tiny": False, "quick": False, "nproc": 1, "trl": False}
-    return argparse.Namespace(**{**base, **kw})
+def args(device="cuda", tiny=False):
+    return argparse.Namespace(device=device, tiny=tiny)
 
 
-@pytest.mark.parametrize("mode", [{}, {"quick": True}, {"device": "cpu", "tiny": True, "quick": True, "nproc": 2}])
-def test_preset_params_are_valid_in_every_mode(tmp_path, mode):
-    params = parse_params(gpu_check().preset_params(tmp_path, args(**mode)))
+@pytest.mark.parametrize("device,tiny,quick", [("cuda", False, False), ("cuda", False, True), ("cpu", True, True),
+                                               ("cpu", True, False)])
+def test_preset_params_are_valid_in_every_mode(tmp_path, device, tiny, quick):
+    params = parse_params(gpu_check().preset_params(tmp_path, args(device, tiny), quick))
     r = params.rollout
-    assert r.batch_size == (8 if mode.get("quick") else 64)
+    assert r.batch_size == (8 if quick else 64)
     assert r.batch_size % (r.micro_batch_size * params.ppo.num_minibatches) == 0
     assert r.generation_chunk <= r.batch_size
-    assert params.ppo.epochs == (1 if mode.get("quick") else 4)
-    assert params.policy_model.dtype == "bfloat16" and params.runtime.device == (mode.get("device") or "cuda")
+    assert params.ppo.epochs == (1 if quick else 4)
+    assert params.policy_model.dtype == "bfloat16" and params.runtime.device == device
+
+
+def test_more_ranks_than_gpus_is_refused_in_one_line():
+    gpu_check().check_nproc(2, 2)
+    with pytest.raises(SystemExit) as err:
+        gpu_check().check_nproc(2, 1)
+    assert str(err.value) == "--nproc 2: this machine has 1 GPU; 2 ranks need 2 (the 2-rank part runs only where there are 2)"
 
 
 def test_table_shows_both_sides_and_a_failed_trl_run():
-    stage = {"wall_s": 10.0, "peak_gib": 3.0, "gpu": "GPU"}
-    result = {"device": "cuda", "gpu": "GPU", "config": "full-size", "stages": {"rollout": stage, "update": stage},
-              "iteration_s": 20.0, "peak_gib": 3.0, "generated_tokens_per_s": 100.0, "generate_s": 5.0,
-              "first_minibatch_ratio_max_abs_dev": 0.0,
-              "trl": {"wall_s": 40.0, "generate_s": 8.0, "generated_tokens_per_s": 50.0, "peak_gpu_gib": 6.0,
-                      "trl_version": "1.12.0", "forward_batch": 64}}
+    stage = {"wall_s": 10.0, "peak_allocated_gib": 3.0, "peak_reserved_gib": 4.0, "gpu": "GPU"}
+    part = {"stages": {"rollout": stage, "update": stage}, "iteration_s": 20.0, "steps": 8, "generate_s": 5.0,
+            "peak_reserved_gib": 4.0, "decode": {"tokens_per_s": 900.0, "samples_per_s": 17.0}}
+    result = {"device": "cuda", "gpu": "GPU", "parts": {
+        "b": part, "c": {"wall_s": 40.0, "generate_s": 8.0, "peak_gpu_reserved_gib": 6.0, "trl_version": "1.12.0",
+                         "forward_batch": 64}}}
     text = gpu_check().table(result)
+    assert "| rollout | 10.0 | 3.00 | 4.00 |" in text
     assert "| wall s, one iteration (process start-up and model loading included) | 20.0 | 40.0 |" in text
-    assert "ours/TRL: wall 0.50×, peak GPU memory 0.50×" in text
-    result["trl"] = {"error": "TRL run failed (1):\nTraceback"}
-    assert "TRL: failed (TRL run failed (1):)" in gpu_check().table(result)
+    assert "| peak GPU GiB reserved (ours: the largest stage) | 4.00 | 6.00 |" in text
+    assert "ours/TRL: wall 0.50×" in text and "decode after a warm-up: 900.0 tokens/s" in text
+    result["parts"]["c"] = {"error": "bench/trl_ppo_anchor.py exited with 1\nTraceback"}
+    assert "TRL: failed (bench/trl_ppo_anchor.py exited with 1)" in gpu_check().table(result)
+
+
+# ---- the CPU rehearsal of bench/gpu_run.sh ----------------------------------------------------------------------------
+
+# What the GPU image lacks: the rehearsal's environment leaves these out, so they must come from the carried wheels.
+ABSENT = ("dvc", "pydantic", "annotated_types", "typing_inspection", "datasets", "trl", "dill", "multiprocess",
+          "_multiprocess", "nltk", "rouge_score", "ruamel", "rlhf", "__editable__")
+MARK = "import os\nopen(os.path.join(os.environ['REHEARSAL_MARKS'], str(os.getpid())), 'w').close()\n"
+
+
+@pytest.fixture(scope="session")
+def wheels():
+    """bench/gpu_wheels.sh's cp311 folder (made here once when missing: the package index is reachable on CI)."""
+    folder = ROOT / "bench" / ".wheels" / "cp311"
+    if not any(folder.glob("trl-*.whl")):
+        subprocess.run(["bash", str(ROOT / "bench" / "gpu_wheels.sh"), "3.11"], check=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory, wheels):
+    """A venv whose packages are this one's minus ABSENT (linked, not installed: no download), plus a PYTHONPATH
+    folder whose sitecustomize marks every Python process that keeps it."""
+    root = tmp_path_factory.mktemp("bare")
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+    site = next((root / "venv" / "lib").glob("python3.*")) / "site-packages"
+    linked = root / "linked"
+    linked.mkdir()
+    source = next(Path(p) for p in sys.path if p.endswith("site-packages") and (Path(p) / "torch").is_dir())
+    for entry in source.iterdir():
+        name = entry.name.lower().replace("-", "_")
+        if not name.startswith(ABSENT) and not name.endswith(".pth"):
+            (linked / entry.name).symlink_to(entry)
+    (site / "linked.pth").write_text(str(linked) + "\n")
+    pythonpath = root / "pythonpath"
+    pythonpath.mkdir()
+    (pythonpath / "sitecustomize.py").write_text(MARK)
+    return root / "venv" / "bin" / "python", pythonpath
+
+
+def rehearsal(bare_python, tmp_path, *extra):
+    python, pythonpath = bare_python
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    env.update(PYTHON=str(python), PYTHONPATH=str(pythonpath), REHEARSAL_MARKS=str(marks), OUT=str(tmp_path / "out"),
+               PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_CONFIG_FILE=os.devnull,
+               RLHF_GPU_SITE=str(tmp_path / "site"), PATH=str(python.parent) + os.pathsep + os.environ["PATH"])
+    for module in ("pydantic", "dvc", "trl", "datasets"):  # the environment really lacks them
+        probe = subprocess.run([str(python), "-c", f"import {module}"], env={**env, "PYTHONPATH": ""},
+                               capture_output=True)
+        assert probe.returncode != 0, f"{module} is importable without the carried wheels"
+    cmd = ["bash", str(ROOT / "bench" / "gpu_run.sh"), "--device", "cpu", "--tiny", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True), tmp_path / "out", marks
 
 
 @pytest.mark.slow
-def test_cpu_rehearsal_runs_every_stage(tmp_path):
-    out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--tiny",
-                          "--quick", "--out", str(out)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert list(result["stages"]) == ["sample", "rollout", "reward", "reference", "advantages", "update"]
-    assert result["first_minibatch_ratio_max_abs_dev"] == 0.0 and result["generated_tokens_per_s"] > 0
+def test_cpu_rehearsal_of_the_gpu_command(bare_python, tmp_path):
+    # the GPU's deadlines are sized for a GPU; a 2-core CPU gets more time for the same tiny work
+    proc, out, marks = rehearsal(bare_python, tmp_path, *[f"--deadline={p}=900" for p in "abc"])
+    output = proc.communicate(timeout=1800)[0]
+    stages_log = (out / "stages.log").read_text(errors="replace") if (out / "stages.log").exists() else ""
+    assert proc.returncode == 0, output[-3000:] + "\nstages.log:\n" + stages_log[-4000:]
+    result = json.loads((out / "gpu.json").read_text())
+    assert [k for k, v in result["parts"].items() if v["status"] == "ok"] == ["a", "b", "c"], output[-3000:]
+    a, b, c = (result["parts"][k] for k in "abc")
+    assert list(a["stages"]) == ["sample", "rollout", "reward", "reference", "advantages", "update"]
+    assert a["first_minibatch_ratio_max_abs_dev"] == 0.0 and b["first_minibatch_ratio_max_abs_dev"] == 0.0
+    assert a["warm_start"]["identical_rollout"] and a["warm_start"]["served_by_warm_process"]
+    assert b["steps"] == 8 and b["decode"]["tokens_per_s"] > 0 and c["trl_version"] == "1.12.0"
+    log = (out / "gpu-run.log").read_text()
+    assert "installed 10 carried wheels (cp311)" in log and "b update:" in log and "part c ok" in log
+    assert len(list(marks.iterdir())) >= 20  # every stage's process kept the PYTHONPATH it was given
+
+
+@pytest.mark.slow
+def test_a_killed_rehearsal_leaves_the_parts_that_completed(bare_python, tmp_path):
+    """Part b passes its deadline (killed, recorded), then the whole command is killed as a device run at its
+    time limit is: what had completed is under $OUT."""
+    proc, out, _ = rehearsal(bare_python, tmp_path, "--parts", "abc", "--deadline", "b=20")
+    try:
+        deadline = time.monotonic() + 1500
+        while "b" not in json.loads((out / "gpu.json").read_text() if (out / "gpu.json").exists() else "{}").get(
+                "parts", {}):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    result = json.loads((out / "gpu.json").read_text())
+    assert result["parts"]["a"]["status"] == "ok" and result["parts"]["b"]["status"] == "timeout"
+    assert "killed at the part's deadline" in result["parts"]["b"]["error"]
+    log = (out / "gpu-run.log").read_text()
+    assert "part a ok" in log and "part b timeout" in log and (out / "stages.log").stat().st_size > 0

@@ -6,6 +6,7 @@ source tree."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -29,6 +30,17 @@ def qwen3_config(config_file: Path, **overrides):
     return Qwen3Config(**raw)
 
 
+@contextlib.contextmanager
+def default_dtype(name: str):
+    """Parameters created in `name` from the start, instead of built in fp32 and cast."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, name))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def copy_tokenizer(configs: Path, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         shutil.copy2(Path(configs) / QWEN3 / name, out_dir / name)
@@ -39,7 +51,8 @@ def build_policy(configs: Path, out_dir: Path, seed: int = 0, torch_dtype: str =
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(qwen3_config(Path(configs) / QWEN3 / "config.json", **overrides)).to(getattr(torch, torch_dtype))
+    with default_dtype(torch_dtype):
+        model = Qwen3ForCausalLM(qwen3_config(Path(configs) / QWEN3 / "config.json", **overrides))
     model.save_pretrained(out_dir, safe_serialization=True)
     shutil.copy2(Path(configs) / QWEN3 / "generation_config.json", out_dir / "generation_config.json")
     copy_tokenizer(configs, out_dir)
@@ -51,8 +64,8 @@ def build_reward(configs: Path, out_dir: Path, seed: int = 1, torch_dtype: str =
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = Qwen3ForSequenceClassification(qwen3_config(Path(configs) / SKYWORK_CONFIG, num_labels=1, **overrides))
-    model = model.to(getattr(torch, torch_dtype))
+    with default_dtype(torch_dtype):  # the 8B model never exists in fp32 (30 GB)
+        model = Qwen3ForSequenceClassification(qwen3_config(Path(configs) / SKYWORK_CONFIG, num_labels=1, **overrides))
     model.save_pretrained(out_dir, safe_serialization=True)
     copy_tokenizer(configs, out_dir)
     return out_dir

@@ -99,7 +99,7 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
     base_dir, sft_dir = Path(params.paths.policy_model), Path(params.paths.sft)
     check_same_start(read_state(state_dir), sft_dir, state_dir)
     tokenizer = load_tokenizer(base_dir)
-    base = load_policy_start(base_dir, sft_dir, device.dtype, pm.trust_remote_code, attention)
+    base = load_policy_start(base_dir, sft_dir, device.dtype, pm.trust_remote_code, attention, **device.load_kwargs)
     check_target_modules(base, params.lora.target_modules)
     # Not low_cpu_mem_usage: that builds the adapters empty in the base dtype and fills them from the files, so with
     # a bf16 base the fp32 master weights came back rounded to bf16 at every iteration boundary. Built in fp32
@@ -117,12 +117,13 @@ def load_actors(params: Params, state_dir: Path, trainable: bool, with_critic: b
         # fp32 master weights, as the LoRA adapters have: with a bf16 base the passes run under autocast (bf16
         # matmuls) while AdamW updates fp32 weights; a bf16 copy would lose most updates to rounding.
         critic_backbone = _from_pretrained(AutoModel, state_dir / CRITIC_ADAPTER / "backbone", "float32", False,
-                                           attention)
+                                           attention, **device.load_kwargs)
         critic_backbone.train(False).requires_grad_(trainable).to(device.where)
     head = load_value_head(state_dir / CRITIC_ADAPTER, hidden_size(base)).requires_grad_(trainable).to(device.where)
     reference = None
     if with_reference and pm.reference:
-        reference = load_causal_lm(Path(pm.reference), device.dtype, pm.trust_remote_code, attention).to(device.where)
+        reference = load_causal_lm(Path(pm.reference), device.dtype, pm.trust_remote_code, attention,
+                                   **device.load_kwargs).to(device.where)
     model.to(device.where)
     model.eval()  # dropout is off; train() only matters if lora.dropout > 0
     actors = Actors(model, tokenizer, head, critic_backbone, reference, stop_token_ids(tokenizer, base_dir), trainable,

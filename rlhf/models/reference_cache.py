@@ -189,5 +189,5 @@ def reference_kl(kv: PromptKV, kv_rows: Sequence[int], prompts: Sequence[Sequenc
                      use_cache=True, **{cache_kwarg(lm): adopted_cache(buffers, P)})
             ref = torch.log_softmax(out.logits.float() / temperature, dim=-1)  # (r, R, V)
             kl = kl_from_logprobs(policy_logp[s:s + len(rows), :R], ref) * response_mask  # (r, R)
-            kls.extend(float(x) for x in kl.sum(-1))
+            kls.extend(kl.sum(-1).tolist())  # one device-to-host copy per pass, not one per row
     return kls

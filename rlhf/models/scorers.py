@@ -59,7 +59,7 @@ class SimilarityScorer:
 
         self.tokenizer = load_tokenizer(model_dir)
         self.model = _from_pretrained(AutoModel, model_dir, device.dtype, cfg.trust_remote_code,
-                                      device.attention(cfg.attention)).eval().to(device.where)
+                                      device.attention(cfg.attention), **device.load_kwargs).eval().to(device.where)
         self.cfg, self.device = cfg, device
 
     def embed(self, texts: Sequence[str], dist: Dist = Dist()) -> torch.Tensor:
@@ -100,7 +100,8 @@ class ClassifierScorer:
 
         self.tokenizer = load_tokenizer(model_dir)
         self.model = _from_pretrained(AutoModelForSequenceClassification, model_dir, device.dtype, cfg.trust_remote_code,
-                                      device.attention(cfg.attention), num_labels=1).eval().to(device.where)
+                                      device.attention(cfg.attention), num_labels=1,
+                                      **device.load_kwargs).eval().to(device.where)
         self.cfg, self.device = cfg, device
         self.causal = is_causal(self.model)
 

@@ -90,7 +90,7 @@ def make_model_available(model_id: str, revision: str | None, out_dir: Path, rol
     elif Path(model_id).is_dir():
         for f in Path(model_id).iterdir():
             if f.is_file() and not f.name.endswith((".bin", ".pt", ".pth", ".pkl")):
-                shutil.copy2(f, tmp / f.name)
+                link_or_copy(f, tmp / f.name)
         source["weights"] = "local"
     else:
         source["resolved_revision"] = fetch_hub_model(model_id, revision, tmp)
@@ -98,6 +98,15 @@ def make_model_available(model_id: str, revision: str | None, out_dir: Path, rol
     (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows it: a local 15 GB model is not written a second time (weights
+    files are replaced, never edited in place, so the two names cannot drift apart)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _pretrained_args(model_dir: Path) -> tuple[str, dict]:
@@ -136,10 +145,11 @@ def _from_pretrained(cls, model_dir: Path, dtype: str, trust_remote_code: bool, 
     return model
 
 
-def load_causal_lm(model_dir: Path, dtype: str, trust_remote_code: bool = False, attention: str | None = None):
+def load_causal_lm(model_dir: Path, dtype: str, trust_remote_code: bool = False, attention: str | None = None,
+                   **extra):
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM, model_dir, dtype, trust_remote_code, attention).eval()
+    return _from_pretrained(AutoModelForCausalLM, model_dir, dtype, trust_remote_code, attention, **extra).eval()
 
 
 def is_causal(model: nn.Module) -> bool:

@@ -51,10 +51,11 @@ def check_same_start(state: dict, sft_dir: Path, state_dir: Path) -> None:
 
 
 def load_policy_start(base_dir: Path, sft_dir: Path, dtype: str, trust_remote_code: bool = False,
-                      attention: str | None = None):
-    """The causal LM every iteration's adapters sit on, in `dtype`."""
+                      attention: str | None = None, **extra):
+    """The causal LM every iteration's adapters sit on, in `dtype` (extra: from_pretrained's placement arguments,
+    used when there is no SFT adapter to merge on the host first)."""
     if sft_record(sft_dir) is None:
-        return load_causal_lm(base_dir, dtype, trust_remote_code, attention)
+        return load_causal_lm(base_dir, dtype, trust_remote_code, attention, **extra)
     from peft import PeftModel
 
     base = load_causal_lm(base_dir, "float32", trust_remote_code, attention)

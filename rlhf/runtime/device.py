@@ -70,6 +70,12 @@ class Device:
         return "nccl" if self.is_cuda else "gloo"
 
     @property
+    def load_kwargs(self) -> dict:
+        """from_pretrained arguments that put the weights straight on a GPU (no host copy first: the reward model
+        is ~15 GB in bf16)."""
+        return {"device_map": self.where} if self.is_cuda else {}
+
+    @property
     def fused_optimizer(self) -> bool:
         return self.type in (CPU, CUDA)  # meta has no fused AdamW kernel
 
@@ -107,12 +113,21 @@ def resolve_device(setting: str, dtype: str) -> Device:
     if setting == CUDA and not torch.cuda.is_available():
         raise ParamsError("runtime.device: cuda, but torch sees no CUDA device (use auto or cpu)")
     if setting == CUDA:
-        where = torch.device(CUDA, int(os.environ.get("LOCAL_RANK", "0")))
+        where = torch.device(CUDA, cuda_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
         torch.cuda.set_device(where)
     else:
         where = torch.device(setting)
     dtype = resolve_dtype(dtype, where)
     return Device(where, torch.bfloat16 if dtype == "bfloat16" else None, dtype)
+
+
+def cuda_index(local_rank: int, count: int) -> int:
+    """This rank's GPU: one per process on the node (NCCL refuses two ranks on one GPU)."""
+    if local_rank >= count:
+        raise ParamsError(f"runtime.device: cuda, but this is local rank {local_rank} and torch sees {count} "
+                          f"GPU{'s' if count != 1 else ''}: start at most {count} process{'es' if count != 1 else ''} "
+                          "per node (torchrun --nproc-per-node)")
+    return local_rank
 
 
 def autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:

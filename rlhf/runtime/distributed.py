@@ -51,12 +51,18 @@ class Dist:
         return merged
 
     def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Gradients summed over ranks in buckets of one dtype up to BUCKET_BYTES: one collective per bucket (a
+        LoRA update's few hundred small tensors in one or two), not one per parameter."""
         if not self.active:
             return
-        for p in parameters:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+        for bucket in buckets(list(parameters)):
+            for p in bucket:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            for p, summed in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad.copy_(summed.view_as(p.grad))
 
     def sum_stats(self, stats: dict, maxima: tuple[str, ...] = ()) -> dict:
         """Sums (or, for `maxima`, maxima) over ranks of {name: float or 0-d tensor on the device}, as host floats:
@@ -75,6 +81,25 @@ class Dist:
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()
+
+
+BUCKET_BYTES = 256 * 2**20
+
+
+def buckets(parameters: list[torch.nn.Parameter], limit: int = BUCKET_BYTES) -> list[list[torch.nn.Parameter]]:
+    """Consecutive parameters grouped by dtype and device, each group up to `limit` bytes (a larger tensor alone)."""
+    groups: list[list[torch.nn.Parameter]] = []
+    size = 0
+    for p in parameters:
+        nbytes = p.numel() * p.element_size()
+        last = groups[-1] if groups else None
+        if last and (last[0].dtype, last[0].device) == (p.dtype, p.device) and size + nbytes <= limit:
+            last.append(p)
+            size += nbytes
+        else:
+            groups.append([p])
+            size = nbytes
+    return groups
 
 
 def init_distributed(device: Device) -> Dist:

@@ -57,6 +57,19 @@ def _run(main: Callable[..., object], argv: list[str], params_file: Path, args: 
     return 0
 
 
+def configure(params):
+    """A command's process set up as the params say: library progress output, torch threads (torch imported only
+    when asked: commands without models never import it). Returns the params."""
+    from rlhf.runtime.progress import quiet_libraries
+
+    quiet_libraries(params.runtime.progress)
+    if params.runtime.threads > 0:
+        import torch
+
+        torch.set_num_threads(params.runtime.threads)
+    return params
+
+
 def guarded(fn: Callable[[], int | None]) -> int:
     """Run fn; an expected failure (bad params, missing or invalid artifact, model or state problem, non-finite
     numbers) becomes `error: <one line>` on stderr and exit code 2, with no traceback."""

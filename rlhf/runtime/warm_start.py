@@ -20,6 +20,8 @@ What keeps this safe:
 - It exits after RLHF_WARM_IDLE seconds (default 300) without a stage; `rlhf warm stop` stops it now.
 - Sockets live in a private per-user folder, or in $RLHF_WARM_DIR when set (the test suite uses its own).
 - Processes started by torchrun (data-parallel runs) always run directly.
+- On a GPU: the warm process never initialises CUDA (torch's availability check goes through NVML there, and it
+  refuses to serve if an import initialised CUDA anyway), so each forked worker initialises CUDA itself.
 
 Both ends of the protocol (the stage's side and the warm process) are in this one module, over the ~300-line
 guideline, on purpose: they change together.
@@ -53,6 +55,11 @@ PRELOAD = ("torch", "pandas", "pyarrow.parquet", "transformers", "peft", "transf
            "rlhf.models.checkpoint", "rlhf.models.passes", "rlhf.models.sampling", "rlhf.models.scorers",
            "rlhf.models.attention", "rlhf.training.advantages", "rlhf.training.ppo_update", "rlhf.evaluation",
            "rlhf.data.prompts")
+# CUDA cannot be used in a child forked after the parent initialised it ("Cannot re-initialize CUDA in forked
+# subprocess"). The warm process only imports, but a library may ask torch.cuda.is_available() while importing,
+# which initialises the CUDA driver; with this set torch answers through NVML instead, and workers (which get the
+# stage's own environment) initialise CUDA themselves.
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
 DIR_ENV = "RLHF_WARM_DIR"  # where the sockets live (default: a private folder per user under the temp dir)
 MAX_MSG = 1 << 20
 
@@ -172,7 +179,8 @@ def _connect_or_start(k: str) -> socket.socket:
         except OSError:
             path.unlink(missing_ok=True)  # a warm process that was killed leaves its socket file behind
         log = open(d / f"{k}.log", "ab")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_dir().parent), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_dir().parent), os.environ.get("PYTHONPATH", "")]),
+               NVML_CHECK_ENV: "1"}
         env.pop(RUSAGE_ENV, None)
         idle = os.environ.get(IDLE_ENV, "300")
         proc = subprocess.Popen([sys.executable, "-m", "rlhf.runtime.warm_start", str(path), idle], cwd=package_dir().parent,
@@ -201,6 +209,8 @@ def serve(path: Path, idle_s: float) -> None:
         importlib.import_module(name)
     if Path(sys.modules["rlhf.models.checkpoint"].__file__).resolve().parent.parent != package_dir():
         raise RuntimeError("imported a different rlhf package than the one in the socket's key")
+    if sys.modules["torch"].cuda.is_initialized():  # every forked stage would fail at its first CUDA call
+        raise RuntimeError("CUDA was initialised while importing; a forked worker could not use the GPU")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(str(path))  # only now can a client connect: the imports are done
     listener.listen(16)

@@ -7,6 +7,7 @@ Anything non-finite raises before the caller writes anything.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class Group:
     old_values: torch.Tensor  # (b, R)
     advantages: torch.Tensor  # (b, R)
     returns: torch.Tensor  # (b, R)
+    n_tokens: int  # response tokens (the mask's sum), known on the host
 
     @property
     def mask(self) -> torch.Tensor:
@@ -67,7 +69,7 @@ def build_groups(df: pd.DataFrame, device: torch.device | None = None) -> list[G
             return torch.nn.functional.pad(x, (0, R - x.shape[1])).to(device)  # (b, R)
 
         groups.append(Group(packed, padded("logprobs"), padded("ref_logprobs"), padded("values"),
-                            padded("advantages"), padded("returns")))
+                            padded("advantages"), padded("returns"), sum(len(r) for r in g["response_ids"])))
     return groups
 
 
@@ -118,6 +120,14 @@ def check_finite(name: str, value: torch.Tensor, where: str) -> None:
         raise FloatingPointError(f"update: non-finite {name} at {where}; nothing written to models/next")
 
 
+def check_all_finite(named: dict, where: str) -> None:
+    """{name: tensors} checked with one device-to-host copy (each check alone would wait for the device)."""
+    flags = torch.stack([torch.stack([torch.isfinite(v).all() for v in values]).all() for values in named.values()])
+    for name, ok in zip(named, flags.tolist()):
+        if not ok:
+            raise FloatingPointError(f"update: non-finite {name} at {where}; nothing written to models/next")
+
+
 def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where: str, n_tokens: float,
                      check: bool = True, *, kl_coef: float) -> dict:
     """Forward + backward over (this rank's share of) one minibatch's micro-batches; gradients accumulate,
@@ -128,6 +138,7 @@ def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where:
     entropy_coef = params.ppo.entropy_coef
     # the entropy's graph costs a (tokens, V) activation: built only when the bonus is on
     forward = policy_logprobs_entropy_grad if entropy_coef > 0 else policy_logprobs
+    losses: dict = {"policy loss": [], "value loss": []}
     for g in groups:
         m = g.mask  # (b, R)
         logprobs, entropy = forward(actors, g.packed, params.rollout.temperature)  # (b, R)
@@ -139,14 +150,12 @@ def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where:
             loss_p = loss_p + kl_coef * ppo.masked_sum(kl, m) / n_tokens
         if entropy_coef > 0:
             loss_p = loss_p + ppo.entropy_loss(entropy, m, entropy_coef, n_tokens)
-        if check:  # with several ranks a local raise would hang the others; the summed gradients are checked instead
-            check_finite("policy loss", loss_p, where)
+        losses["policy loss"].append(loss_p.detach())
         loss_p.backward()
         values = critic_values(actors, g.packed)  # (b, R)
         vl = ppo.clipped_value_loss(values, g.old_values, g.returns, params.ppo.clip_eps_value)
         loss_v = params.ppo.vf_coef * ppo.masked_sum(vl.loss, m) / n_tokens
-        if check:
-            check_finite("value loss", loss_v, where)
+        losses["value loss"].append(loss_v.detach())
         loss_v.backward()
         with torch.no_grad():
             ratio = pl.ratio.detach()
@@ -161,6 +170,10 @@ def minibatch_losses(actors: Actors, groups: list[Group], params: Params, where:
             stats.add("_ratio_sq", ppo.masked_sum(ratio**2, m) / n_tokens)
             stats.add("val/vpred", ppo.masked_sum(values, m) / n_tokens)
             ratio_dev = torch.maximum(ratio_dev, ((ratio - 1).abs() * m).max())
+    # once per minibatch, not per micro-batch. With several ranks a local raise would hang the others; the summed
+    # gradients are checked instead.
+    if check and groups:
+        check_all_finite(losses, where)
     out = dict(stats.sums)
     out["policy/ratio_max_abs_dev"] = ratio_dev
     return out
@@ -172,15 +185,22 @@ def finish_stats(sums: dict) -> dict:
     return out
 
 
-def clip_and_step(opt: torch.optim.Optimizer, named: dict, max_norm: float | None, label: str, where: str) -> float:
-    grads = [p.grad for p in named.values() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
-    check_finite(f"{label} gradient", norm, where)
-    if max_norm is not None:
-        torch.nn.utils.clip_grad_norm_(list(named.values()), max_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(norm)
+def clip_and_step(opts: list, named: list[dict], max_norm: float | None, labels: list[str], where: str) -> list[float]:
+    """Each optimizer's gradient norm computed once (clip_grad_norm_ returns the norm it clipped with; max_norm None
+    scales by 1), all norms read back in one copy and checked before any step."""
+    norms = []
+    for group in named:
+        params = [p for p in group.values() if p.grad is not None]
+        norms.append(torch.nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm)
+                     if params else torch.zeros(()))
+    values = torch.stack([n.float().to(norms[0].device) for n in norms]).tolist()
+    for label, value in zip(labels, values):
+        if not math.isfinite(value):
+            raise FloatingPointError(f"update: non-finite {label} gradient at {where}; nothing written to models/next")
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return values
 
 
 # --------------------------------------------------------------------------------------------- epochs
@@ -198,13 +218,13 @@ def ppo_epochs(actors, groups, params, opts, named, iteration: int, dist: Dist, 
         for mb in range(n_mb):
             where = f"iteration {iteration}, epoch {epoch}, minibatch {mb} (step {step})"
             minibatch = [groups[i] for i in order[mb * per_mb:(mb + 1) * per_mb]]
-            n_tokens = sum(float(g.mask.sum()) for g in minibatch)
+            n_tokens = float(sum(g.n_tokens for g in minibatch))
             sums = minibatch_losses(actors, dist.mine(minibatch), params, where, n_tokens, check=not dist.active,
                                     kl_coef=kl_coef)
             dist.sum_gradients([*named[0].values(), *named[1].values()])
             stats = finish_stats(dist.sum_stats(sums, maxima=("policy/ratio_max_abs_dev",)))
-            stats["grad_norm/policy"] = clip_and_step(opts[0], named[0], params.ppo.max_grad_norm, "policy", where)
-            stats["grad_norm/critic"] = clip_and_step(opts[1], named[1], params.ppo.max_grad_norm, "critic", where)
+            stats["grad_norm/policy"], stats["grad_norm/critic"] = clip_and_step(
+                opts, named, params.ppo.max_grad_norm, ["policy", "critic"], where)
             stats.update({"lr": opts[0].param_groups[0]["lr"], "critic_lr": opts[1].param_groups[0]["lr"],
                           "epoch": epoch})
             history.append(stats)
