@@ -43,6 +43,8 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
     # Every seed's params are built and checked before the first worktree: a worktree left behind by a refused
     # override would be continued later with the params it was made with.
     pairs = [split_override(o) for o in overrides]
+    if any(key == "seed" for key, _ in pairs):  # it would give every run the same seed
+        raise StateError("--set seed=...: each run sets its own seed; choose the seeds with --seed")
     params_of = {}
     for seed in seeds:
         raw = yaml.safe_load(params_file.read_text())

@@ -267,6 +267,7 @@ def small_repo(tmp_path) -> Path:
     ("=3", "expected key=value"),
     ("optimiser.lr=1e-4", "no section 'optimiser'"),
     ("seed.x=1", "no section 'seed'"),
+    ("seed=3", "choose the seeds with --seed"),  # else every run would have seed 3
     ("optim.learning_rate=1e-4", "no key 'optim.learning_rate'"),
     ("optim.lr=-1", "optim.lr"),
     ("data.split_seed=-1", "data.split_seed"),
