@@ -40,6 +40,18 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
 
     from rlhf.config.params import parse_params
 
+    # Every seed's params are built and checked before the first worktree: a worktree left behind by a refused
+    # override would be continued later with the params it was made with.
+    pairs = [split_override(o) for o in overrides]
+    if any(key == "seed" for key, _ in pairs):  # it would give every run the same seed
+        raise StateError("--set seed=...: each run sets its own seed; choose the seeds with --seed")
+    params_of = {}
+    for seed in seeds:
+        raw = yaml.safe_load(params_file.read_text())
+        for key, value in [("seed", str(seed)), *pairs]:
+            set_key(raw, key, yaml.safe_load(value))
+        parse_params(raw)
+        params_of[seed] = raw
     folders = []
     for seed in seeds:
         folder = out / f"seed-{seed}"
@@ -49,11 +61,7 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
                                   text=True)
             if made.returncode != 0:
                 raise StateError(f"git worktree add {folder} failed: {made.stderr.strip()}")
-            raw = yaml.safe_load(params_file.read_text())
-            for key, value in [("seed", str(seed)), *(split_override(o) for o in overrides)]:
-                set_key(raw, key, yaml.safe_load(value))
-            parse_params(raw)  # refuse a bad override before any work
-            (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            (folder / "params.yaml").write_text(yaml.safe_dump(params_of[seed], sort_keys=False))
         done = done_iterations(folder)
         if done < iterations:
             log(f"seeds: seed {seed}: {done} of {iterations} iterations done; training in {folder}")

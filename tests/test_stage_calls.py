@@ -206,3 +206,74 @@ def test_reference_stage_scores_the_initial_policy_after_an_update(project_dir, 
         np.testing.assert_allclose(stored, naive_token_logprobs(initial.model, *args), rtol=0, atol=1e-4)
         gaps.extend(np.abs(np.asarray(stored) - naive_token_logprobs(updated.model, *args)))
     assert np.min(gaps) > 1e-2, f"the update moved log π by only {np.min(gaps):.2e} on some token"
+
+
+# --------------------------------------------------------------------------------------------- prepare: the held-out split
+
+
+def held_out_ids(params) -> tuple[list[int], list[int]]:
+    stage_main("prepare")(params)
+    read = lambda name: sorted(read_artifact(Path(params.paths.prepared) / name, "prompts")["prompt_id"].tolist())
+    return read("eval.parquet"), read("train.parquet")
+
+
+def test_prepare_stage_holds_out_by_split_seed_not_seed(project_dir, tiny_policy, tiny_reward):
+    """60 real posts, 4 held out. Another `seed` (another run of the same configuration) keeps the held-out prompts,
+    so seeds are judged on the same prompts; another data.split_seed draws other ones (the same 4 again by chance:
+    odds below 1e-5)."""
+    source = Path(make_params(tiny_policy, tiny_reward).paths.source_data)
+    source.parent.mkdir(parents=True)
+    pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet").head(60).to_parquet(source)
+    base = make_params(tiny_policy, tiny_reward)
+    with_seeds = lambda seed, split_seed: base.model_copy(
+        update={"seed": seed, "data": base.data.model_copy(update={"split_seed": split_seed})})
+    held_out, train = held_out_ids(with_seeds(1, 42))
+    assert len(held_out) == 4 and len(train) > 40 and not set(held_out) & set(train)
+    assert held_out_ids(with_seeds(2, 42)) == (held_out, train)
+    other, _ = held_out_ids(with_seeds(1, 7))
+    assert len(other) == 4 and other != held_out
+
+
+# --------------------------------------------------------------------------------------------- update: optimizer moments
+
+
+def update_outputs(params, project_dir: Path, name: str) -> dict:
+    """Run the update stage from models/current; keep and return every tensor it wrote to models/next."""
+    from safetensors.torch import load_file
+
+    stage_main("update")(params)
+    kept = project_dir / name
+    shutil.copytree(Path(params.paths.next), kept)
+    return {f"{p.relative_to(kept)}:{k}": v for p in sorted(kept.rglob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+def test_update_stage_resets_the_moments_only_when_asked(project_dir, tiny_policy, tiny_reward):
+    """Iteration 1 of a tiny project whose models/current carries iteration 0's AdamW moments (2 steps). With
+    optim.reset_moments the update must write exactly what an update with a fresh optimizer writes (here: the same
+    stage with the saved moments moved away), every tensor equal, its step count 2; carrying the moments, the step
+    count is 4 and the adapter lands elsewhere (lr 0.05: by over 1e-3 on some weight)."""
+    params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 2, "num_minibatches": 1},
+                         optim={"lr": 5e-2}, rollout={"batch_size": 4})
+    proj.init(params, evaluate_baseline=False, track=False)
+    prepare_iteration(params, seed=5)
+    stage_main("update")(params)
+    proj.advance(params, track=False)
+    prepare_iteration(params, seed=6)
+    saved = Path(params.paths.current) / "optimizer"
+    assert saved.is_dir()
+
+    reset = update_outputs(params.model_copy(update={"optim": params.optim.model_copy(
+        update={"reset_moments": True})}), project_dir, "reset")
+    carried = update_outputs(params, project_dir, "carried")
+    saved.rename(project_dir / "moments")
+    fresh = update_outputs(params, project_dir, "fresh")
+
+    assert reset.keys() == fresh.keys() == carried.keys()
+    for key in reset:
+        assert torch.equal(reset[key], fresh[key]), key
+    steps = lambda out: {int(v.item()) for k, v in out.items() if k.endswith("::step")}
+    assert steps(reset) == {2} and steps(carried) == {4}
+    adapter = [k for k in reset if k.startswith("policy/") and "lora" in k]
+    assert adapter, sorted(reset)
+    gap = max(float((reset[k] - carried[k]).abs().max()) for k in adapter)
+    assert gap > 1e-3, f"carried and reset moments moved the adapter to within {gap:.2e}"
