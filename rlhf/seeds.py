@@ -49,7 +49,7 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
     for seed in seeds:
         raw = yaml.safe_load(params_file.read_text())
         for key, value in [("seed", str(seed)), *pairs]:
-            set_key(raw, key, yaml.safe_load(value))
+            set_key(raw, key, parse_value(value))
         parse_params(raw)
         params_of[seed] = raw
     folders = []
@@ -80,6 +80,19 @@ def split_override(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise StateError(f"--set {text!r}: expected key=value, e.g. optim.lr=1e-4")
     return key, value
+
+
+def parse_value(text: str):
+    """A --set value as YAML, except that a number YAML 1.1 reads as a string (1e-4 has no dot) is a number."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def set_key(raw: dict, dotted: str, value) -> None:

@@ -33,6 +33,7 @@ def history(folder: Path) -> list[dict]:
     return list(csv.DictReader((folder / "metrics" / "history.csv").open()))
 
 
+@pytest.mark.slow
 def test_seeds_run_trains_each_seed_in_its_worktree_continues_and_reports(tmp_path, tiny_policy, tiny_reward):
     """The working tree's params.yaml (not HEAD's) with `seed` and --set applied in each seed's worktree; one
     iteration each; then seed 3 asked for 2 iterations continues its run (iterations 0 and 1 kept, one more trained)
@@ -300,3 +301,12 @@ def test_seeds_report_and_compare_refuse_folders_without_seed_runs(tmp_path):
     write_history(b / "seed-2", random_history(gen, 2))
     assert "share no seed" in one_line_error(run(["rlhf", "seeds", "compare", str(a), str(b)], tmp_path, check=False))
     assert "no seed-*" in one_line_error(run(["rlhf", "seeds", "compare", str(a), str(empty)], tmp_path, check=False))
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("3.0e-4", 3.0e-4), ("4", 4), ("true", True), ("null", None),
+                                         ("cosine", "cosine"), ("[q_proj, v_proj]", ["q_proj", "v_proj"])])
+def test_a_set_value_is_read_as_yaml_with_exponent_numbers_as_numbers(text, value):
+    from rlhf.seeds import parse_value
+
+    got = parse_value(text)
+    assert got == value and type(got) is type(value)
