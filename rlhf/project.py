@@ -24,6 +24,7 @@ from rlhf.config.params import Params
 from rlhf.errors import StateError
 from rlhf.reports import samples as samples_report
 from rlhf.runtime.log import log
+from rlhf.runtime.stage import EXPECTED_ERRORS_EXIT
 
 EVAL_COLUMNS = [
     "iteration", "eval/reward_mean", "eval/reward_std", "eval/kl_mean", "eval/length_mean", "eval/eos_rate",
@@ -129,6 +130,8 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
         # device memory (and, on a GPU, the CUDA context) that the policy and reward model held here.
         result = subprocess.run([sys.executable, "-m", "rlhf.project", "baseline"], input=params.model_dump_json(),
                                 text=True, env=_env())
+        if result.returncode == EXPECTED_ERRORS_EXIT:
+            raise SystemExit(result.returncode)  # its one `error:` line is already on stderr
         if result.returncode != 0:
             raise StateError(f"the baseline evaluation of iteration 0 failed (exit code {result.returncode})")
     if track:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
     """Train each seed in its own worktree of HEAD; returns the run folders."""
     import yaml
 
-    from rlhf.config.params import parse_params
+    from rlhf.config.params import parse_params, read_yaml
 
     # Every seed's params are built and checked before the first worktree: a worktree left behind by a refused
     # override would be continued later with the params it was made with.
@@ -47,7 +48,7 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
         raise StateError("--set seed=...: each run sets its own seed; choose the seeds with --seed")
     params_of = {}
     for seed in seeds:
-        raw = yaml.safe_load(params_file.read_text())
+        raw = read_yaml(params_file)  # a key written twice is refused here too
         for key, value in [("seed", str(seed)), *pairs]:
             set_key(raw, key, parse_value(value))
         parse_params(raw)
@@ -61,11 +62,14 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
                                   text=True)
             if made.returncode != 0:
                 raise StateError(f"git worktree add {folder} failed: {made.stderr.strip()}")
+            clear_run_outputs(folder)
             (folder / "params.yaml").write_text(yaml.safe_dump(params_of[seed], sort_keys=False))
         done = done_iterations(folder)
         if done < iterations:
             log(f"seeds: seed {seed}: {done} of {iterations} iterations done; training in {folder}")
-            env = {**os.environ, "PYTHONPATH": str(folder.resolve())}  # the worktree's code, not an installed copy
+            # the worktree's code first, not an installed copy; a PYTHONPATH already set stays behind it
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder.resolve()),
+                                                                            os.environ.get("PYTHONPATH")]))}
             with open(folder / "train.log", "a") as out_log:
                 result = subprocess.run([sys.executable, "-m", "rlhf.cli", "train", "-n", str(iterations - done)],
                                         cwd=folder, env=env, stdout=out_log, stderr=subprocess.STDOUT)
@@ -73,6 +77,16 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
                 raise StateError(f"seeds: seed {seed} failed (exit {result.returncode}); see {folder / 'train.log'}")
         folders.append(folder)
     return folders
+
+
+def clear_run_outputs(folder: Path) -> None:
+    """A worktree of a commit made by `rlhf train --commit` holds that run's history and held-out tables; a seed
+    run starts from none of them (they would count as its own iterations)."""
+    metrics = folder / "metrics"
+    for name in ("history.csv", "train_history.csv", "eval.json", "eval_initial.json", "samples_initial.jsonl",
+                 "samples_initial.md"):
+        (metrics / name).unlink(missing_ok=True)
+    shutil.rmtree(metrics / "samples", ignore_errors=True)
 
 
 def split_override(text: str) -> tuple[str, str]:
@@ -196,11 +210,11 @@ def draw(rows: list[dict], out: Path) -> None:
 
 
 def samples(folder: Path, iteration: int, column: str) -> dict:
-    path = folder / "metrics" / "samples" / f"iter-{iteration}.jsonl"
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["prompt_id"]: float(r[column]) for r in rows if column in r}
+    """prompt_id → one per-prompt column of a run's archived held-out table; empty when absent."""
+    from rlhf.evaluation import column as column_of, read_table
+
+    values = column_of(read_table(folder / "metrics" / "samples" / f"iter-{iteration}.jsonl"), column)
+    return {} if values is None else values.to_dict()
 
 
 def compare(a: Path, b: Path, resamples: int = 10_000, level: float = 0.95) -> list[dict]:

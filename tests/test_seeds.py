@@ -310,3 +310,25 @@ def test_a_set_value_is_read_as_yaml_with_exponent_numbers_as_numbers(text, valu
 
     got = parse_value(text)
     assert got == value and type(got) is type(value)
+
+
+def test_a_seed_worktree_of_a_committed_run_starts_without_that_runs_history(small_repo, monkeypatch):
+    """`rlhf train --commit` commits metrics/: a worktree of that commit must not count the main run's iterations as
+    the seed's own (it would skip training, or mix two runs in one history)."""
+    from rlhf.seeds import done_iterations, run as seeds_run
+
+    repo = small_repo
+    (repo / "metrics" / "samples").mkdir(parents=True)
+    (repo / "metrics" / "history.csv").write_text("iteration,eval/reward_mean\n0,0.3\n1,0.4\n2,0.5\n")
+    (repo / "metrics" / "train_history.csv").write_text("iteration,objective/scores\n1,0.4\n2,0.5\n")
+    (repo / "metrics" / "samples" / "iter-2.jsonl").write_text('{"prompt_id": "a", "reward": 0.5}\n')
+    (repo / "metrics" / "eval_initial.json").write_text("{}")
+    (repo / "metrics" / "bench.json").write_text("{}")  # not a run output: kept
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "a committed run"]):
+        run(cmd, repo)
+    monkeypatch.chdir(repo)
+    folder, = seeds_run([7], 0, Path("runs/x"), [], Path("params.yaml"))  # 0 iterations: the worktree alone
+    assert done_iterations(folder) == 0
+    left = sorted(str(p.relative_to(folder / "metrics")) for p in (folder / "metrics").rglob("*"))
+    assert left == ["bench.json"]
+    assert yaml.safe_load((folder / "params.yaml").read_text())["seed"] == 7

@@ -24,7 +24,7 @@ def specs(cwd: Path | None = None) -> tuple[dict[str, dict], list[str]]:
     try:
         shown = json.loads(result.stdout)
     except json.JSONDecodeError:
-        raise ArtifactError(f"dvc plots show: {(result.stderr or result.stdout).strip().splitlines()[-1:]}") from None
+        raise ArtifactError(f"dvc plots show: {((result.stderr or result.stdout).strip().splitlines() or ['no output'])[-1]}") from None
     out = {title: entries[0]["content"] for title, entries in shown.get("data", {}).items()
            if entries and entries[0].get("type") == "vega"}
     errors = [f"{e['source']}: {e['msg'].splitlines()[0]}" for e in shown.get("errors", []) if "source" in e]
