@@ -101,6 +101,11 @@ class CachedLM:
 
     def step(self, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(b,) new tokens → logits of the next one, (b, V)."""
+        if full_attention_only(self.model.config):
+            # The one query row of each sequence sees every key that is not padding: (b, 1, 1, S), the mask
+            # transformers builds, given ready-made, since building it reads "is anything padded" back from the
+            # device first (on a GPU, a sync per token).
+            mask = mask[:, None, None, :].bool()
         out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self.kwarg: self.cache})
         return out.logits[:, -1]
