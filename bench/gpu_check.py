@@ -283,8 +283,7 @@ def part_c(run: Run, proj: Path) -> dict:
            "dtype": "bfloat16", "threads": 1 if run.args.device == "cpu" else os.cpu_count(),
            "num_minibatches": p["ppo"]["num_minibatches"], "epochs": p["ppo"]["epochs"],
            "max_new_tokens": p["rollout"]["max_new_tokens"], "temperature": p["rollout"]["temperature"],
-           "forward_batch": trl_forward_batch(p["rollout"]["generation_chunk"], run.args.tiny),
-           "kl_coef": p["kl"]["coef"], "lr": p["optim"]["lr"],
+           "forward_batch": p["rollout"]["generation_chunk"], "kl_coef": p["kl"]["coef"], "lr": p["optim"]["lr"],
            "seed": p["seed"], "lora_r": p["lora"]["r"], "lora_alpha": p["lora"]["alpha"],
            "targets": p["lora"]["target_modules"]}
     (proj / "trl-config.json").write_text(json.dumps(cfg))
@@ -296,12 +295,6 @@ def part_c(run: Run, proj: Path) -> dict:
     row["generated_tokens_per_s"] = row["generated_tokens"] / row["generate_s"]
     row["forward_batch"] = cfg["forward_batch"]
     return row
-
-
-def trl_forward_batch(chunk: int, tiny: bool) -> int:
-    """TRL generates and scores in batches of our generation chunk; on the tiny CPU rehearsal in batches of 8 (its
-    fp32 logits over the 151,936-token Qwen3 vocabulary for 64 rows held 11 GiB of host memory)."""
-    return min(chunk, 8) if tiny else chunk
 
 
 def part_d(run: Run, proj: Path) -> dict:
