@@ -45,7 +45,12 @@ ARTIFACTS = {"rollout": "rollout.parquet", "reward": "scores.parquet", "referenc
 WHEELS = ["pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
           "trl==1.12.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "nltk==3.10.4"]
 SDIST_WHEELS = ["rouge-score==0.1.2"]  # published as a source archive only: built into a pure-Python wheel
-PARTS = {"a": 300, "b": 240, "c": 150, "d": 150}  # default deadlines, seconds
+PARTS = {"a": 240, "b": 180, "c": 120, "d": 120}  # default deadlines, seconds
+# All parts together (--total): each part's deadline is cut to what is left of it, and a part with less than
+# MIN_PART seconds left is not started, so the parts end within TOTAL however long each takes. 540 s leaves a
+# 10-minute command limit a minute for installing the wheels, starting Python and the table.
+TOTAL = 540
+MIN_PART = 20
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16}
 GIB = 1024**3
@@ -304,6 +309,11 @@ def part_d(run: Run, proj: Path) -> dict:
             "stages": {k: v["wall_s"] for k, v in stages.items()}}
 
 
+def part_seconds(own: float, left: float) -> float | None:
+    """A part's deadline: its own, cut to what is left of the whole run; None when too little is left to start."""
+    return None if left < MIN_PART else min(own, left)
+
+
 def gpu_count(device: str) -> int:
     """Asked in a child process: this one never initialises CUDA (it holds no device memory while stages run)."""
     if device != "cuda":
@@ -413,6 +423,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2, help="ranks of part d")
     ap.add_argument("--deadline", action="append", default=[], metavar="PART=SECONDS",
                     help=f"a part's deadline (defaults: {', '.join(f'{k}={v}' for k, v in PARTS.items())})")
+    ap.add_argument("--total", type=float, default=TOTAL,
+                    help=f"seconds for all parts together (default {TOTAL}); a part gets at most what is left")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "metrics" / "gpu"))
     ap.add_argument("--keep", type=Path, default=None, help="run in this folder and keep it")
     args = ap.parse_args()
@@ -429,16 +441,22 @@ def main() -> None:
     run.result.update(gpus=gpus, python=sys.version.split()[0])
     proj = args.keep or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     functions = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
+    end = time.monotonic() + args.total
     try:
         for key in parts:
-            run.deadline = time.monotonic() + deadlines[key]
-            run.say(f"part {key} starts (deadline {deadlines[key]:.0f} s)")
+            allowed = part_seconds(deadlines[key], end - time.monotonic())
             start = time.perf_counter()
-            try:
-                row = functions[key](run, proj)
-                status = "ok"
-            except (Deadline, RuntimeError, OSError, KeyError, ValueError) as err:
-                row, status = {"error": str(err)}, "timeout" if isinstance(err, Deadline) else "failed"
+            if allowed is None:
+                row, status = {"error": f"not started: less than {MIN_PART} s left of --total {args.total:.0f}"}, \
+                    "timeout"
+            else:
+                run.deadline = time.monotonic() + allowed
+                run.say(f"part {key} starts (deadline {allowed:.0f} s)")
+                try:
+                    row = functions[key](run, proj)
+                    status = "ok"
+                except (Deadline, RuntimeError, OSError, KeyError, ValueError) as err:
+                    row, status = {"error": str(err)}, "timeout" if isinstance(err, Deadline) else "failed"
             row.update(status=status, part_s=time.perf_counter() - start)
             run.result["parts"][key] = row
             gpu = next((s.get("gpu") for s in row.get("stages", {}).values() if isinstance(s, dict)), None)

@@ -9,7 +9,7 @@ from rlhf.models.checkpoint import load_actors
 from rlhf.models.passes import exact_kl, left_pad, pack
 from rlhf.models.reference_cache import reference_kl, reference_prompt_kv
 from rlhf.models.sampling import (
-    CachedLM, generate, generate_with_reference_kl, merged_policy, nucleus_filter, pick_tokens,
+    CachedLM, KeptLogprobs, decode, generate, generate_with_reference_kl, merged_policy, nucleus_filter, pick_tokens,
 )
 from test_models import perturb_adapter, project, prompts_and_responses  # noqa: F401 (fixture)
 
@@ -90,6 +90,34 @@ def test_prefill_in_passes_fills_the_cache_as_one_left_padded_pass(project):
                 torch.testing.assert_close(a[:, :, :P].transpose(1, 2)[real], b[:, :, :P].transpose(1, 2)[real],
                                            rtol=0, atol=1e-5)
             assert torch.isfinite(ours.keys).all() and torch.isfinite(ours.values).all()
+
+
+def test_checking_for_the_end_every_k_steps_returns_the_same_tokens_and_kept_logits(project):
+    """The host reads "every row stopped" once per k decode steps: the steps run past the end must leave no trace
+    in the tokens or the kept log-probs, which equal those of a check after every step bit for bit."""
+    actors = load_actors(project, Path("state"), trainable=False, with_critic=False)
+    perturb_adapter(actors)
+    prompts, _ = prompts_and_responses(actors.tokenizer, n=4)
+    ids, mask = left_pad(sorted((p[: 12 + 9 * i] for i, p in enumerate(prompts)), key=len), 0)
+    model = actors.model.get_base_model()
+
+    def run(k, stops):
+        kept, steps, gen = KeptLogprobs(12, 0.7), [], torch.Generator().manual_seed(5)
+        with torch.no_grad(), merged_policy(actors):
+            out = decode(CachedLM(model, ids.shape[1] + 12), ids, mask, 12, stops, 0,
+                         lambda logits: pick_tokens(logits, 0.7, 1.0, False, gen), 2, steps.append, kept, k)
+        kept.n = out.shape[1]
+        return out, kept.logprobs.clone(), len(steps)
+
+    free = run(1, actors.stop_ids)[0]
+    stops = [*actors.stop_ids, *(int(free[r, 1 + r]) for r in range(4))]  # row r stops by its token 2 + r
+    want, kept, ran = run(1, stops)
+    assert want.shape[1] <= 5 < 12 and ran == want.shape[1]
+    for k in (2, 3, 5, 8, 64):
+        out, logprobs, steps = run(k, stops)
+        assert torch.equal(out, want) and torch.equal(logprobs, kept), k
+        assert steps == min(12, -(-ran // k) * k)  # the steps up to the check that saw the end
+    assert torch.equal(run(5, actors.stop_ids)[0], free)  # no early end: all 12 steps either way
 
 
 def reference_kl_over_cached_prompts(actors, prompts, rows_per_pass: int, folder=None):

@@ -449,11 +449,15 @@ def test_lr_and_kl_coefficient_follow_their_schedules_across_iterations(project_
 
 @pytest.mark.parametrize("max_norm", [None, 1.0, 100.0])
 def test_clip_and_step_clips_the_joint_gradient_norm_and_reports_it_unclipped(max_norm):
+    """Each optimizer's parameters are clipped by their own joint norm (policy and critic apart)."""
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
     a.grad, b.grad = torch.tensor([3.0, 0.0, 4.0]), torch.full((2, 2), 6.0)  # joint norm sqrt(25 + 144) = 13
-    opt = torch.optim.SGD([a, b], lr=1.0)
-    norm = ppo_update.clip_and_step(opt, {"a": a, "b": b}, max_norm, "policy", "test")
-    assert norm == pytest.approx(13.0)
+    c = torch.nn.Parameter(torch.zeros(2))
+    c.grad = torch.tensor([0.0, 2.0])
+    opts = [torch.optim.SGD([a, b], lr=1.0), torch.optim.SGD([c], lr=1.0)]
+    norms = ppo_update.clip_and_step(opts, [{"a": a, "b": b}, {"c": c}], max_norm, ["policy", "critic"], "test")
+    assert norms == pytest.approx([13.0, 2.0])
     step = torch.cat([a.detach().ravel(), b.detach().ravel()]).norm()  # SGD with lr 1 moves by the used gradient
     assert float(step) == pytest.approx(min(13.0, max_norm or math.inf), rel=1e-5)
-    assert a.grad is None and b.grad is None  # zeroed for the next step
+    assert float(c.detach().norm()) == pytest.approx(min(2.0, max_norm or math.inf), rel=1e-5)
+    assert a.grad is None and b.grad is None and c.grad is None  # zeroed for the next step

@@ -68,10 +68,29 @@ def length_sorted_groups(lengths: Sequence[int], group_size: int) -> list[int]:
     return groups
 
 
+@contextlib.contextmanager
+def positions_not_packed():
+    """transformers looks for several sequences packed into one row whenever a forward has no mask and no cache,
+    reading a flag back from the device (on a GPU a sync per forward, so per micro-batch). Our passes number every
+    row 0..L-1, where that search always finds one sequence and returns None: it is answered directly."""
+    from transformers import masking_utils
+
+    search = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if search is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = search
+
+
 def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     # No attention mask and default positions 0..L-1: exact for every real token of a right-padded causal batch,
     # and it lets attention run unmasked-causal (see stages/attention.py).
-    out = backbone(input_ids=packed.input_ids, use_cache=False)
+    with positions_not_packed():
+        out = backbone(input_ids=packed.input_ids, use_cache=False)
     h = out.last_hidden_state  # (b, L, d)
     idx = packed.response_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # (b, R, d)
     # Gathered into a contiguous (b, R, d): the LM head is then one (b·R, d) GEMM (a strided input makes matmul

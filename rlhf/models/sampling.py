@@ -101,9 +101,18 @@ class CachedLM:
 
     def step(self, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(b,) new tokens → logits of the next one, (b, V)."""
+        if full_attention_only(self.model.config):
+            # The one query row of each sequence sees every key that is not padding: (b, 1, 1, S), the mask
+            # transformers builds, given ready-made, since building it reads "is anything padded" back from the
+            # device first (on a GPU, a sync per token).
+            mask = mask[:, None, None, :].bool()
         out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self.kwarg: self.cache})
         return out.logits[:, -1]
+
+
+# Decode steps between host reads of "has every row stopped": one sync per token would keep a GPU's queue empty.
+END_CHECK_EVERY = 8
 
 
 def full_attention_only(config) -> bool:
@@ -114,10 +123,14 @@ def full_attention_only(config) -> bool:
 def decode(lm: CachedLM, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: Sequence[int], pad_id: int, pick: Callable[[torch.Tensor], torch.Tensor], rows_per_pass: int,
            on_step: Callable[[int], None] = lambda n: None,
-           observe: Callable[[torch.Tensor], None] = lambda logits: None) -> torch.Tensor:
+           observe: Callable[[torch.Tensor], None] = lambda logits: None,
+           check_every: int = END_CHECK_EVERY) -> torch.Tensor:
     """Left-padded prompts (b, P) → new tokens (b, ≤ max_new_tokens) sampled by `pick`; `observe` sees the logits
     of every position before its token is picked. A row that emitted a stop token gets pad_id after it, and the
-    loop ends when every row has stopped."""
+    loop ends when every row has stopped: the tokens returned end at the step where the last row stopped, whatever
+    `check_every` is. Whether all rows stopped is read on the host every `check_every` steps only (reading it is a
+    device sync, which on a GPU stalls the host until every queued step has run); so up to check_every - 1 steps
+    past the end run, are observed and dropped (their noise comes from the chunk's own generator)."""
     b = ids.shape[0]
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=ids.device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, P): as generate() numbers left-padded rows
@@ -125,15 +138,22 @@ def decode(lm: CachedLM, ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     logits = lm.prefill(ids, mask, positions, rows_per_pass)  # (b, V)
     done = torch.zeros(b, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
+    ended: list[torch.Tensor] = []  # per step since the last check, on the device: every row had stopped
     for step in range(max_new_tokens):
         observe(logits)
         token = pick(logits.float())  # (b,)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         new.append(token)
         done |= torch.isin(token, stops)
+        ended.append(done.all())
         on_step(b)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
+        last = step == max_new_tokens - 1
+        if len(ended) == check_every or last:
+            past = int(torch.stack(ended).sum())  # stopped rows stay stopped: the steps run since the end
+            ended = []
+            if past or last:
+                del new[len(new) + 1 - past:]  # those steps' tokens are pad_id in every row
+                break
         mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)  # (b, P+t+1)
         positions = positions[:, -1:] + 1  # (b, 1)
         logits = lm.step(token, mask, positions)
@@ -205,6 +225,8 @@ def _generate(actors: Actors, prompts, max_new_tokens: int, temperature: float, 
         for row in out.tolist():  # the artifact boundary
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             responses.append(row[:cut])
+        if kept:
+            kept.n = out.shape[1]  # the steps decode ran past the end are not kept
         kls = reference_kl(rows, responses, kept.logprobs) if kept else [None] * len(rows)
         local.update({i: (r, kl) for i, r, kl in zip(rows, responses, kls)})
     ticks.close()
