@@ -101,10 +101,11 @@ class CachedLM:
 
     def step(self, token: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(b,) new tokens → logits of the next one, (b, V)."""
-        if full_attention_only(self.model.config):
+        if full_attention_only(self.model.config) and takes_boolean_mask(self.model.config):
             # The one query row of each sequence sees every key that is not padding: (b, 1, 1, S), the mask
             # transformers builds, given ready-made, since building it reads "is anything padded" back from the
-            # device first (on a GPU, a sync per token).
+            # device first (on a GPU, a sync per token). Only for implementations whose mask is boolean: eager
+            # adds its mask to the scores, so a boolean one there would leave the padding visible.
             mask = mask[:, None, None, :].bool()
         out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self.kwarg: self.cache})
@@ -113,6 +114,12 @@ class CachedLM:
 
 # Decode steps between host reads of "has every row stopped": one sync per token would keep a GPU's queue empty.
 END_CHECK_EVERY = 8
+
+
+def takes_boolean_mask(config) -> bool:
+    from rlhf.models.attention import NAME as CHUNKED
+
+    return getattr(config, "_attn_implementation", None) in ("sdpa", CHUNKED)
 
 
 def full_attention_only(config) -> bool:
