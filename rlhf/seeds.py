@@ -176,16 +176,21 @@ def report(out: Path) -> Path:
                  for m in METRICS.values()]
         lines.append(f"| {iteration} | " + " | ".join(shown) + " |")
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
-    draw(rows, out)
+    draw(rows, curves(out), out)
     log(f"seeds: {out / 'seeds.md'}, {out / 'seeds.csv'}")
     return out / "seeds.md"
 
 
-def draw(rows: list[dict], out: Path) -> None:
-    """Every seed's curve per metric (thin) and the mean (thick), as a Vega-Lite spec; SVG and PNG where vl-convert
-    is installed."""
-    points = [{"iteration": r["iteration"], "metric": r["metric"], "seed": k.removeprefix("seed "), "value": v}
-              for r in rows for k, v in r.items() if k.startswith("seed ")]
+def curves(out: Path) -> list[dict]:
+    """Every seed's values at every iteration it reached (a seed stopped early still draws its curve)."""
+    return [{"iteration": int(r["iteration"]), "metric": label, "seed": str(seed), "value": float(r[key])}
+            for seed, folder in seed_folders(out).items() for r in read_history(folder)
+            for key, label in METRICS.items() if r.get(key)]
+
+
+def draw(rows: list[dict], points: list[dict], out: Path) -> None:
+    """Every seed's curve per metric (thin) and the mean over the iterations all seeds reached (thick), as a
+    Vega-Lite spec; SVG and PNG where vl-convert is installed."""
     means = [{"iteration": r["iteration"], "metric": r["metric"], "seed": "mean", "value": r["mean"]} for r in rows]
     spec = {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
