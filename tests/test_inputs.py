@@ -35,8 +35,11 @@ def project(tmp_path: Path, policy: Path | None, params: dict) -> Path:
     data = tmp_path / "data" / "tldr"
     data.mkdir(parents=True)
     pd.read_parquet(ROOT / "data/tldr/validation-1945.parquet").head(20).to_parquet(data / "validation-1945.parquet")
-    if policy is not None:
-        shutil.copytree(policy, tmp_path / "models" / "base" / "policy")
+    if policy is not None:  # as the policy_model stage leaves it, with the record of what it holds
+        base = tmp_path / "models" / "base" / "policy"
+        shutil.copytree(policy, base)
+        source = {"id": params["policy_model"]["id"], "revision": params["policy_model"].get("revision")}
+        (base / "source.json").write_text(json.dumps(source))
     return tmp_path
 
 
@@ -171,7 +174,7 @@ def test_chat_format_without_a_chat_template_stops_prepare_in_one_line(tmp_path,
 def test_unknown_lora_target_stops_init_in_one_line(tmp_path, tiny_policy, tiny_reward):
     params = tiny_params(tiny_policy, tiny_reward, lora={"target_modules": ["q_proj", "nonexistent_proj"]})
     repo = project(tmp_path, tiny_policy, params)
-    line = one_error_line(run(["rlhf", "init"], repo, check=False))
+    line = one_error_line(run(["rlhf", "init", "--no-baseline"], repo, check=False))  # no reward model here
     assert line.startswith("error: lora.target_modules: nonexistent_proj not in the model; its linear modules: ")
     assert line.split("its linear modules: ")[1].split(", ")[:7] == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
