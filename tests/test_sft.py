@@ -103,7 +103,9 @@ def test_a_non_finite_loss_or_gradient_stops_sft(tiny_policy, poison):
     examples, _ = build_examples(frame([" the cat sat on the mat", " my landlord kept the deposit"]), tok,
                                  tok.eos_token_id, 16, None, 0)
     with quiet_peft_wrap():
-        model = get_peft_model(load_causal_lm(tiny_policy, "float32"), lora_config(4, 8, 0.0, ["q_proj"]))
+        # down_proj: its output joins the residual stream directly (torch's CPU SDPA turns NaN queries into finite
+        # outputs, so a NaN in a q_proj adapter may never reach the loss)
+        model = get_peft_model(load_causal_lm(tiny_policy, "float32"), lora_config(4, 8, 0.0, ["down_proj"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if poison == "loss":
         trainable[0].data.fill_(float("nan"))
