@@ -124,6 +124,7 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
     replace_dir(tmp, current)
     log(f"init: iteration 0 written to {current}")
     metrics_dir = Path(params.paths.metrics)
+    clear_history(metrics_dir)
     (metrics_dir / "samples").mkdir(parents=True, exist_ok=True)  # a dep of the evaluate stage, even if left empty
     if evaluate_baseline:
         # In a process of its own, as a stage runs: `rlhf train` goes on to `dvc repro`, whose stages need the
@@ -136,6 +137,16 @@ def init(params: Params, force: bool = False, evaluate_baseline: bool = True, tr
             raise StateError(f"the baseline evaluation of iteration 0 failed (exit code {result.returncode})")
     if track:
         dvc("add", str(current))
+
+
+def clear_history(metrics_dir: Path) -> None:
+    """A new iteration 0 starts a new run: rows and held-out tables left by an earlier one (`init --force`) would
+    read as this run's iterations, and its iteration-0 table would be what later evaluations compare with."""
+    for name in ("history.csv", "train_history.csv", "eval_initial.json", "samples_initial.jsonl",
+                 "samples_initial.md"):
+        (metrics_dir / name).unlink(missing_ok=True)
+    for table in (metrics_dir / "samples").glob("iter-*.jsonl"):
+        table.unlink()
 
 
 def check_base(folder: Path, model_id: str, revision: str | None, stage: str) -> None:

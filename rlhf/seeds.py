@@ -82,11 +82,10 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
 def clear_run_outputs(folder: Path) -> None:
     """A worktree of a commit made by `rlhf train --commit` holds that run's history and held-out tables; a seed
     run starts from none of them (they would count as its own iterations)."""
-    metrics = folder / "metrics"
-    for name in ("history.csv", "train_history.csv", "eval.json", "eval_initial.json", "samples_initial.jsonl",
-                 "samples_initial.md"):
-        (metrics / name).unlink(missing_ok=True)
-    shutil.rmtree(metrics / "samples", ignore_errors=True)
+    from rlhf.project import clear_history
+
+    clear_history(folder / "metrics")
+    (folder / "metrics" / "eval.json").unlink(missing_ok=True)
 
 
 def split_override(text: str) -> tuple[str, str]:

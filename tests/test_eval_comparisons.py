@@ -261,3 +261,17 @@ def test_an_archive_written_before_rouge_leaves_only_the_rouge_comparisons_out(t
     assert got["eval/rouge_l_delta_vs_initial"] is None and got["eval/judge_disagreement"] is None
     assert got["eval/reward_delta_vs_initial_length_adjusted"] is None  # the old table has no length either
     assert "has no rouge_l column" in capsys.readouterr().err
+
+
+def test_init_force_starts_a_new_history(project, tmp_path):
+    """Rows and held-out tables of the run that `init --force` replaces would read as the new run's iterations (and
+    a stale iteration-1 table as its previous iteration)."""
+    repo = copy_repo(project, tmp_path / "repo")
+    assert [r["iteration"] for r in csv.DictReader((repo / "metrics/history.csv").open())] == ["0", "1"]
+    run(["rlhf", "init", "--force", "--no-track"], repo)
+    assert [r["iteration"] for r in csv.DictReader((repo / "metrics/history.csv").open())] == ["0"]
+    assert not (repo / "metrics/train_history.csv").exists()
+    assert sorted(p.name for p in (repo / "metrics/samples").iterdir()) == ["iter-0.jsonl"]
+    run(["rlhf", "init", "--force", "--no-baseline", "--no-track"], repo)
+    assert not (repo / "metrics/history.csv").exists() and not (repo / "metrics/eval_initial.json").exists()
+    assert list((repo / "metrics/samples").iterdir()) == []
