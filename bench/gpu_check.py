@@ -243,12 +243,16 @@ def warm_rollout(run: Run, proj: Path) -> dict:
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     warm_dir = proj / "warm"
     warm_dir.mkdir(mode=0o700, exist_ok=True)
-    extra = {"RLHF_WARM_DIR": str(warm_dir), "RLHF_WARM_IDLE": "5"}
+    # Only a stage that a warm worker ran writes this file: a warm process that refused to serve (its log exists
+    # all the same) lets the stage run directly, and the byte comparison would then test nothing.
+    usage = warm_dir / "worker-usage.json"
+    usage.unlink(missing_ok=True)
+    extra = {"RLHF_WARM_DIR": str(warm_dir), "RLHF_WARM_IDLE": "5", "RLHF_WARM_RUSAGE": str(usage)}
     try:
         t = time.perf_counter()
         run.sh([sys.executable, str(ROOT / "stages/rollout.py")], proj, extra)
         row = {"wall_s": time.perf_counter() - t, "identical_rollout": (proj / "data/iteration/rollout.parquet")
-               .read_bytes() == direct, "served_by_warm_process": any(warm_dir.glob("*.log"))}
+               .read_bytes() == direct, "served_by_warm_process": usage.exists()}
     finally:
         p["runtime"]["warm_start"] = False
         (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
@@ -257,7 +261,8 @@ def warm_rollout(run: Run, proj: Path) -> dict:
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)
             except (OSError, ValueError):
                 pass
-    run.say(f"a rollout through the warm start: {row['wall_s']:.1f} s, identical artifact {row['identical_rollout']}")
+    run.say(f"a rollout through the warm start: {row['wall_s']:.1f} s, served by the warm process "
+            f"{row['served_by_warm_process']}, identical artifact {row['identical_rollout']}")
     return row
 
 
@@ -476,7 +481,9 @@ def main() -> None:
         if run.result["parts"].get(key, {}).get("first_minibatch_ratio_max_abs_dev", 0.0) != 0.0:
             failures.append(f"part {key}: first-minibatch ratio is not exactly 1")
     warm = run.result["parts"].get("a", {}).get("warm_start", {})
-    if warm and not warm["identical_rollout"]:
+    if warm and not warm["served_by_warm_process"]:
+        failures.append("the warm start did not serve the rollout (it ran directly; stages.log says why)")
+    elif warm and not warm["identical_rollout"]:
         failures.append("the warm-start rollout differs from the direct one")
     d = run.result["parts"].get("d", {})
     if "identical_artifacts" in d and not all(d["identical_artifacts"].values()):
