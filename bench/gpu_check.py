@@ -89,6 +89,19 @@ class Run:
         self.stage_log = open(out / "stages.log", "ab", buffering=0)
         self.result: dict = {"device": args.device, "tiny": args.tiny, "parts": {}}
         self.deadline = float("inf")
+        self.child: subprocess.Popen | None = None
+
+    def stop_with_signals(self) -> None:
+        """A check stopped from outside (the device's time limit, Ctrl-C) takes the stage it runs down with it: the
+        stage has a session of its own, so no signal to the check reaches it otherwise."""
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, self._stopped)
+
+    def _stopped(self, signum, frame) -> None:
+        if self.child is not None and self.child.poll() is None:
+            os.killpg(self.child.pid, signal.SIGKILL)
+        self.say(f"stopped by signal {signum}")
+        raise SystemExit(128 + signum)  # main's cleanup still runs; the parts saved so far stay in gpu.json
 
     def say(self, line: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {line}"
@@ -104,15 +117,29 @@ class Run:
         """A command in its own process group, killed with its children when the part's deadline passes."""
         self.stage_log.write(f"$ {' '.join(map(str, cmd))}\n".encode())
         proc = subprocess.Popen(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, stdout=self.stage_log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+        self.child = proc
         try:
             code = proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise Deadline(f"{Path(str(cmd[-1])).name}: killed at the part's deadline") from None
+        finally:
+            self.child = None
         if code != 0:
             raise RuntimeError(f"{' '.join(map(str, cmd[-2:]))} exited with {code} (output: stages.log)")
+
+
+def die_with_parent() -> None:
+    """In the stage's process, before it starts: the kernel kills it when the check dies, even by SIGKILL, which no
+    handler sees (Linux; elsewhere only the signal handlers above stop it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def env() -> dict:
@@ -435,6 +462,7 @@ def main() -> None:
     args = ap.parse_args()
     deadlines = {**PARTS, **{k: float(v) for k, v in (d.split("=", 1) for d in args.deadline)}}
     run = Run(args.out, args)
+    run.stop_with_signals()
     gpus = gpu_count(args.device)
     parts = [p for p in args.parts if p in PARTS]
     if "d" in parts:
