@@ -186,7 +186,7 @@ def test_reference_stage_scores_the_initial_policy_after_an_update(project_dir, 
     from plain float64 passes, to 1e-4, and differ from the updated policy's by over 100 × that on every token (here
     0.03 to 0.4): a reference that is the live policy would match the wrong one."""
     params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 2, "num_minibatches": 1},
-                         optim={"lr": 5e-2}, rollout={"batch_size": 4})
+                         optim={"lr": 5e-2, "reset_moments": False}, rollout={"batch_size": 4})
     proj.init(params, evaluate_baseline=False, track=False)
     current = Path(params.paths.current)
     shutil.copytree(current, project_dir / "initial")
@@ -253,7 +253,7 @@ def test_update_stage_resets_the_moments_only_when_asked(project_dir, tiny_polic
     stage with the saved moments moved away), every tensor equal, its step count 2; carrying the moments, the step
     count is 4 and the adapter lands elsewhere (lr 0.05: by over 1e-3 on some weight)."""
     params = make_params(tiny_policy, tiny_reward, ppo={"epochs": 2, "num_minibatches": 1},
-                         optim={"lr": 5e-2}, rollout={"batch_size": 4})
+                         optim={"lr": 5e-2, "reset_moments": False}, rollout={"batch_size": 4})
     proj.init(params, evaluate_baseline=False, track=False)
     prepare_iteration(params, seed=5)
     stage_main("update")(params)
