@@ -330,5 +330,5 @@ def test_a_seed_worktree_of_a_committed_run_starts_without_that_runs_history(sma
     folder, = seeds_run([7], 0, Path("runs/x"), [], Path("params.yaml"))  # 0 iterations: the worktree alone
     assert done_iterations(folder) == 0
     left = sorted(str(p.relative_to(folder / "metrics")) for p in (folder / "metrics").rglob("*"))
-    assert left == ["bench.json"]
+    assert left == ["bench.json", "samples"]  # the archive folder stays, empty (evaluate's dvc.yaml dep)
     assert yaml.safe_load((folder / "params.yaml").read_text())["seed"] == 7
