@@ -135,38 +135,6 @@ def test_a_check_stopped_from_outside_takes_its_stage_down(tmp_path, sig):
     assert not left, f"the stage outlived the check stopped by {sig.name}"
 
 
-class FakeRun:
-    """Runs no stage: `stage` stands in for what the rollout command leaves behind."""
-
-    def __init__(self, stage):
-        self.stage, self.lines = stage, []
-
-    def sh(self, cmd, cwd, extra_env):
-        warm_dir = Path(extra_env["RLHF_WARM_DIR"])
-        self.stage(warm_dir, Path(extra_env.get("RLHF_WARM_RUSAGE", warm_dir / "usage-not-asked-for.json")))
-
-    def say(self, line):
-        self.lines.append(line)
-
-
-def refused(warm_dir, usage):  # the warm process started (its log exists), refused to serve; the stage ran directly
-    (warm_dir / "key.log").write_text("RuntimeError: CUDA was initialised while importing")
-
-
-def served(warm_dir, usage):
-    (warm_dir / "key.log").write_text("")
-    usage.write_text("{}")
-
-
-@pytest.mark.parametrize("stage,expected", [(refused, False), (served, True)])
-def test_the_warm_start_check_knows_whether_the_warm_process_served(tmp_path, stage, expected):
-    (tmp_path / "data/iteration").mkdir(parents=True)
-    (tmp_path / "data/iteration/rollout.parquet").write_bytes(b"same bytes either way")
-    (tmp_path / "params.yaml").write_text("runtime: {warm_start: false}\n")
-    row = gpu_check().warm_rollout(FakeRun(stage), tmp_path)
-    assert row["identical_rollout"] and row["served_by_warm_process"] is expected
-
-
 def test_table_shows_both_sides_and_a_failed_trl_run():
     stage = {"wall_s": 10.0, "peak_allocated_gib": 3.0, "peak_reserved_gib": 4.0, "gpu": "GPU"}
     part = {"stages": {"rollout": stage, "update": stage}, "iteration_s": 20.0, "steps": 8, "generate_s": 5.0,
