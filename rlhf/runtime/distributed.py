@@ -9,6 +9,7 @@ the step equals the single-process step up to float summation order.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Iterable, TypeVar
@@ -110,4 +111,15 @@ def init_distributed(device: Device) -> Dist:
         return Dist(where=device.where)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend=device.backend)
+        leave_group_at_exit()
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), device.where)
+
+
+def leave_group_at_exit() -> None:
+    """Destroy the process group before the interpreter ends. Left to process teardown, gloo's worker threads are
+    destroyed while still joinable: a rank that finishes first dies by SIGABRT ("terminate called without an active
+    exception"), about one exit in five on a 2-core machine, and torchrun reports the stage as failed."""
+    def leave() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    atexit.register(leave)
