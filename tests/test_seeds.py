@@ -186,6 +186,22 @@ def write_samples(folder: Path, iteration: int, values: dict[int, tuple[float, f
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "runs" / "seeds-2026-12-06"
+
+
+def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
+    """docs/runs keeps each seed run in the layout `rlhf seeds run` writes, so `report` and `compare` on those folders
+    rebuild the published seeds.md/.csv and compare.md byte for byte: the results page can be checked by a reader."""
+    for name in ("moments-carried", "moments-reset"):
+        shutil.copytree(PUBLISHED / name, tmp_path / name, ignore=shutil.ignore_patterns("seeds.*"))
+        sd.report(tmp_path / name)
+        for table in ("seeds.md", "seeds.csv"):
+            assert (tmp_path / name / table).read_text() == (PUBLISHED / name / table).read_text(), (name, table)
+    rows = sd.compare(tmp_path / "moments-carried", tmp_path / "moments-reset")
+    table = sd.compare_markdown(rows, Path("runs/default"), Path("runs/reset"))
+    assert table == (PUBLISHED / "compare.md").read_text()
+
+
 def test_compare_pairs_by_seed_and_prompt(tmp_path):
     """A ran seeds 1, 2, 3 and B seeds 2, 3, 4: seeds 2 and 3 are compared. B's sample rows are shuffled (pairing is by
     prompt id, not row). At iteration 1 seed 3's B was judged on other prompts: that seed is left out there. B is
