@@ -225,6 +225,27 @@ def test_the_disagreement_warning_fires_only_when_both_intervals_exclude_zero_in
         assert words in line and "WARNING" in line
 
 
+def test_the_summary_table_names_each_iteration_whose_judges_disagree(tmp_path, monkeypatch, capsys):
+    """The `rlhf train` table repeats the warning in words under the rows, for the iterations flagged either way
+    (+1 possible hacking, −1 the reverse) and for no other."""
+    from rlhf.config.params import parse_params
+    from rlhf.project import EVAL_COLUMNS, print_summary
+    from rlhf.reports.judge import disagreement_warning
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    flags = {0: "", 1: "0", 2: "1", 3: "-1", 4: "0"}
+    with open(tmp_path / "metrics" / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=EVAL_COLUMNS)
+        writer.writeheader()
+        writer.writerows({"iteration": i, "eval/judge_disagreement": flag} for i, flag in flags.items())
+    print_summary(parse_params(full_params()))
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if "WARNING" in line]
+    assert warned == [f"iteration 2: {disagreement_warning(1)}", f"iteration 3: {disagreement_warning(-1)}"]
+    assert "possible reward hacking" in warned[0] and "disagrees with the judge" in warned[1]
+
+
 def test_the_length_adjusted_change_removes_a_gain_that_is_only_length(tmp_path):
     # iteration 0: reward rises 0.01 per token across prompts; the new policy only writes 20 tokens longer
     initial = {f"p{i}": (0.01 * n, 0.2, float(n)) for i, n in enumerate(range(10, 50, 2))}
