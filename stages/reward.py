@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from rlhf.runtime.stage import run_stage
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this workspace's rlhf, not an installed one
+
+from rlhf.runtime.stage import run_stage  # noqa: E402
 
 
 def main(params) -> None:

@@ -6,7 +6,12 @@ length-sorted micro-batches and precision the update stage uses — so the first
 
 from __future__ import annotations
 
-from rlhf.runtime.stage import run_stage
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this workspace's rlhf, not an installed one
+
+from rlhf.runtime.stage import run_stage  # noqa: E402
 
 
 def main(params) -> None:

@@ -4,6 +4,11 @@
 `runtime.warm_start` is on (rlhf/runtime/warm_start.py: the script then runs in a fork of a process that has already
 imported torch/transformers/peft), and turns the expected failures into one line on stderr and exit code 2. Stage
 scripts import their heavy modules inside `main`, after the hand-over, so a warm run never imports torch twice.
+
+A stage runs the `rlhf` package of its own workspace (the folder above `stages/`): that is the code whose hash
+dvc.yaml records for it. Each script puts its workspace first on `sys.path` before its first `rlhf` import (a
+`pip install -e` would otherwise resolve `rlhf` to the folder it was installed from, whichever workspace the stage
+runs in: a queued `dvc exp run` runs in a copy under .dvc/tmp/exps), and `run_stage` refuses to go on with any other.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ EXPECTED_ERRORS_EXIT = 2
 
 def run_stage(main: Callable[..., object], warm: bool = True, argv: list[str] | None = None) -> None:
     """warm=False for stages that never import torch (the hand-over would cost more than it saves)."""
+    problem = foreign_package(main)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(EXPECTED_ERRORS_EXIT)
     argv = list(sys.argv if argv is None else argv)
     script = sys.modules.get(main.__module__)  # the stage script (__main__): its docstring says what the stage does
     parser = argparse.ArgumentParser(prog=Path(argv[0]).name, description=((script and script.__doc__) or "").strip(),
@@ -30,6 +39,20 @@ def run_stage(main: Callable[..., object], warm: bool = True, argv: list[str] | 
     parser.add_argument("args", nargs="*", help="stage arguments")
     ns = parser.parse_args(argv[1:])
     sys.exit(guarded(lambda: _run(main, argv, ns.params, ns.args, warm)))
+
+
+def foreign_package(main: Callable[..., object]) -> str | None:
+    """Why the stage that defines `main` must not run with this `rlhf` package (None if it may): the package must be
+    the one in the script's workspace, whether the script runs directly, under torchrun or in a warm worker."""
+    script = getattr(main, "__globals__", {}).get("__file__")
+    if not script:
+        return None
+    script = Path(script).resolve()
+    workspace, package = script.parents[1], Path(__file__).resolve().parents[1]
+    if package == workspace / "rlhf":
+        return None
+    return (f"{script.relative_to(workspace)} would run the rlhf package in {package}, not the one of its workspace "
+            f"{workspace}; a stage runs its own workspace's rlhf/ (the code dvc.yaml hashes for it)")
 
 
 def _run(main: Callable[..., object], argv: list[str], params_file: Path, args: list[str], warm: bool) -> int:
