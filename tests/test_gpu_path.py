@@ -78,7 +78,7 @@ def test_the_warm_process_leaves_cuda_to_its_workers():
     must go through NVML there."""
     from rlhf.runtime import warm_start
 
-    with warm_start._connect_or_start(warm_start.key()):
+    with warm_start._connect_or_start(warm_start.code_digest()):
         pass
     pids = [pid for pid, sock in warm_start.running() if sock.stem == warm_start.key()]
     assert pids

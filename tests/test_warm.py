@@ -3,9 +3,11 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import yaml
@@ -106,8 +108,6 @@ def test_sigterm_is_forwarded_and_becomes_the_exit_code(tmp_path, trained_repo):
 
 
 def test_key_changes_with_the_code_and_the_environment(tmp_path, monkeypatch):
-    import shutil
-
     from rlhf.runtime import warm_start as warm
 
     copy = tmp_path / "rlhf"
@@ -121,3 +121,55 @@ def test_key_changes_with_the_code_and_the_environment(tmp_path, monkeypatch):
     k2 = warm.key()
     monkeypatch.setenv("SOME_UNRELATED_VARIABLE", "x")
     assert len({k0, k1, k2}) == 3 and warm.key() == k2
+
+
+PROBE_STAGE = '''"""a warm stage that says which version of rlhf/_mark.py it sees and whether a warm worker runs it"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.runtime.stage import run_stage  # noqa: E402
+
+
+def main(params):
+    from rlhf import _mark
+
+    print(f"mark={_mark.MARK} worker={os.environ.get('RLHF_WARM_WORKER', '-')}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
+'''
+# Appended to the first rlhf module the warm process imports: while it imports, the package changes (rlhf/_mark.py
+# edited, imported, then reverted to the same bytes, as an editor's undo within seconds would).
+EDIT_WHILE_IMPORTING = '''
+from pathlib import Path as _Path
+
+_file = _Path(__file__).resolve().parents[1] / "_mark.py"
+_file.write_text('MARK = "edited"\\n')
+from rlhf import _mark  # noqa: E402,F401
+_file.write_text('MARK = "clean"\\n')
+'''
+
+
+def test_a_package_changed_while_the_warm_process_imports_is_never_served(tmp_path):
+    """The command hashed the package with MARK = "clean"; the warm process loaded "edited" and the files read
+    "clean" again once its imports were done. It must not serve: the stage runs in its own process and sees
+    "clean"."""
+    from rlhf.runtime import warm_start
+
+    first = warm_start.PRELOAD[[m.startswith("rlhf.") for m in warm_start.PRELOAD].index(True)]
+    ws = tmp_path / "ws"
+    shutil.copytree(ROOT / "rlhf", ws / "rlhf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "params.yaml", ws / "params.yaml")  # runtime.warm_start: true
+    (ws / "rlhf" / "_mark.py").write_text('MARK = "clean"\n')
+    module = ws / Path(*first.split(".")).with_suffix(".py")
+    module.write_text(module.read_text() + EDIT_WHILE_IMPORTING)
+    (ws / "stages").mkdir()
+    (ws / "stages" / "probe.py").write_text(PROBE_STAGE)
+    result = run(["python", "stages/probe.py"], ws)
+    assert "mark=clean worker=-" in result.stdout, result.stdout + result.stderr
+    assert "changed while the warm process imported it" in result.stderr
+    assert (ws / "rlhf" / "_mark.py").read_text() == 'MARK = "clean"\n'

@@ -9,10 +9,12 @@ the warm process forks a fresh worker that runs the script. The worker is a new 
 params.yaml, loads its models and exits; only the already-imported modules are shared (copy-on-write).
 
 What keeps this safe:
-- The socket's name is a hash of the interpreter, the `rlhf` package (every file's contents), the installed
-  packages' folders and the environment variables read at import time (the stage script itself is read afresh by
-  each worker); edit the code or the environment and the next stage
-  starts a new warm process, the old one exits when idle.
+- The socket's name is a hash of the interpreter, the `rlhf` package (its folder and every file's contents), the
+  installed packages' folders and the environment variables read at import time (the stage script itself is read
+  afresh by each worker); edit the code or the environment and the next stage starts a new warm process, the old one
+  exits when idle. A warm process serves only the code the command that started it hashed: it checks the package's
+  contents against that hash before its imports and that no file of it changed during them (an edit reverted within
+  those seconds would otherwise leave a mix of both versions loaded under the old hash), and exits if not.
 - The stage's own process stays in the foreground for the whole stage: it forwards SIGINT/SIGTERM/SIGHUP to the worker,
   and if it dies (even by SIGKILL) its connection closes and the worker is killed at once, so `dvc repro`
   interruptions behave as with a direct run. The exit code (or signal) of the worker becomes the command's.
@@ -60,6 +62,7 @@ PRELOAD = ("torch", "pandas", "pyarrow.parquet", "transformers", "peft", "transf
 # which initialises the CUDA driver; with this set torch answers through NVML instead, and workers (which get the
 # stage's own environment) initialise CUDA themselves.
 NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+CODE_CHANGED_EXIT = 3  # the warm process's exit code when the package changed before or while it imported it
 DIR_ENV = "RLHF_WARM_DIR"  # where the sockets live (default: a private folder per user under the temp dir)
 MAX_MSG = 1 << 20
 
@@ -68,12 +71,28 @@ def package_dir() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def key() -> str:
-    """What a warm process's imports depend on; a different key means a different warm process."""
+def code_digest() -> str:
+    """The `rlhf` package's files: their names and contents."""
     h = hashlib.sha256()
-    h.update(f"{sys.executable}\0{sys.version}\0{package_dir()}\0".encode())
     for path in sorted(package_dir().rglob("*.py")):
         h.update(str(path.relative_to(package_dir())).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def code_stats() -> dict[str, tuple[int, int, int, int]]:
+    """Each package file's inode, size and modification/change times: any write, rename or new file changes them
+    (the change time cannot be set back), even an edit that is reverted to the same bytes."""
+    stats = {}
+    for path in package_dir().rglob("*.py"):
+        st = path.stat()
+        stats[str(path.relative_to(package_dir()))] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return stats
+
+
+def key(digest: str | None = None) -> str:
+    """What a warm process's imports depend on; a different key means a different warm process."""
+    h = hashlib.sha256()
+    h.update(f"{sys.executable}\0{sys.version}\0{package_dir()}\0{digest or code_digest()}\0".encode())
     for entry in sys.path:  # a pip install / uninstall changes a site-packages folder's mtime
         if entry.endswith("-packages") and os.path.isdir(entry):
             h.update(f"{entry}\0{os.stat(entry).st_mtime_ns}\0".encode())
@@ -101,7 +120,7 @@ def delegate(argv: list[str]) -> int | None:
     if os.environ.get(WORKER_ENV) or "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
     try:
-        conn = _connect_or_start(key())
+        conn = _connect_or_start(code_digest())
     except (OSError, TimeoutError, RuntimeError) as err:
         print(f"warm start unavailable ({err}); running in this process", file=sys.stderr)
         return None
@@ -165,7 +184,9 @@ def _connect(path: Path) -> socket.socket:
     return conn
 
 
-def _connect_or_start(k: str) -> socket.socket:
+def _connect_or_start(digest: str) -> socket.socket:
+    """A connection to the warm process of this code (digest: the package as this command hashed it)."""
+    k = key(digest)
     d = socket_dir()
     path = d / f"{k}.sock"
     try:
@@ -183,11 +204,14 @@ def _connect_or_start(k: str) -> socket.socket:
                NVML_CHECK_ENV: "1"}
         env.pop(RUSAGE_ENV, None)
         idle = os.environ.get(IDLE_ENV, "300")
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf.runtime.warm_start", str(path), idle], cwd=package_dir().parent,
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf.runtime.warm_start", str(path), idle, digest],
+                                cwd=package_dir().parent,
                                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         log.close()
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
+            if proc.poll() == CODE_CHANGED_EXIT:
+                raise RuntimeError("the rlhf package changed while the warm process imported it")
             if proc.poll() is not None:
                 raise RuntimeError(f"the warm process exited with {proc.returncode}; see {d / f'{k}.log'}")
             try:
@@ -201,14 +225,23 @@ def _connect_or_start(k: str) -> socket.socket:
 # ---- the warm process ----------------------------------------------------------------------------------------------
 
 
-def serve(path: Path, idle_s: float) -> None:
-    """Import everything, then fork a worker per connection until idle for idle_s seconds."""
+def serve(path: Path, idle_s: float, digest: str) -> None:
+    """Import everything, then fork a worker per connection until idle for idle_s seconds. Serves only if the package
+    it imported is the one the starting command hashed (digest): unchanged from before the imports to after them,
+    and with those contents. Otherwise it exits with CODE_CHANGED_EXIT (the command then runs the stage itself)."""
     import importlib
 
+    before = code_stats()
+    if code_digest() != digest:  # changed since the command hashed it
+        sys.exit(CODE_CHANGED_EXIT)
     for name in PRELOAD:
         importlib.import_module(name)
-    if Path(sys.modules["rlhf.models.checkpoint"].__file__).resolve().parent.parent != package_dir():
-        raise RuntimeError("imported a different rlhf package than the one in the socket's key")
+    if code_stats() != before:  # an edit while importing, even one reverted since, may have been half loaded
+        sys.exit(CODE_CHANGED_EXIT)
+    foreign = [name for name, module in list(sys.modules.items()) if name.split(".")[0] == "rlhf"
+               and getattr(module, "__file__", None) and package_dir() not in Path(module.__file__).resolve().parents]
+    if foreign:
+        raise RuntimeError(f"imported rlhf modules from outside {package_dir()}: {foreign}")
     if sys.modules["torch"].cuda.is_initialized():  # every forked stage would fail at its first CUDA call
         raise RuntimeError("CUDA was initialised while importing; a forked worker could not use the GPU")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -367,4 +400,4 @@ def rss_kib(pid: int) -> int:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]), float(sys.argv[2]))
+    serve(Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3])
