@@ -107,3 +107,67 @@ def test_reference_cache_outside_the_project_is_refused(tiny_policy, tiny_reward
 
     with pytest.raises(ParamsError, match="eval.reference_cache"):
         parse_params(tiny_params(tiny_policy, tiny_reward, eval={"reference_cache": folder}))
+
+
+WRITER = """
+import sys
+from pathlib import Path
+
+import torch
+
+import rlhf.models.reference_cache as rc
+
+
+def prompt_kv():
+    g = torch.Generator().manual_seed(0)
+    return rc.PromptKV([0, 3000, 6000], *[[torch.randn((6000, 2, 64), generator=g) for _ in range(2)] for _ in range(2)])
+
+
+if __name__ == "__main__":
+    kv = prompt_kv()
+    Path(sys.argv[3]).touch()  # ready: imports done
+    while not Path(sys.argv[4]).exists():  # both writers start writing together
+        pass
+    for _ in range(int(sys.argv[2])):
+        rc.save(kv, Path(sys.argv[1]), "key")
+"""
+
+
+def test_two_writers_of_one_key_never_let_a_reader_see_a_partial_file(tmp_path):
+    """Two processes write the same key's file over and over while this one reads it: every read is the whole file
+    (both write the same bytes), and both writers finish without an error."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    reference = tmp_path / "reference" / f"reference-kv-key{rc.SUFFIX}"
+    namespace: dict = {}
+    exec(WRITER, namespace)
+    rc.save(namespace["prompt_kv"](), reference, "key")
+    whole = reference.read_bytes()
+    path = tmp_path / "cache" / f"reference-kv-key{rc.SUFFIX}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    go = tmp_path / "go"
+    writers = [subprocess.Popen([sys.executable, str(script), str(path), "40", str(tmp_path / f"ready{i}"), str(go)],
+                                env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert all(w.poll() is None for w in writers), [w.stderr.read() for w in writers]
+        time.sleep(0.01)
+    go.touch()
+    reads = torn = 0
+    while any(w.poll() is None for w in writers):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # before the first publish
+            continue
+        reads += 1
+        torn += data != whole
+    errors = [w.stderr.read() for w in writers]
+    assert reads > 20 and torn == 0, f"{torn} of {reads} reads saw a partial file"
+    assert [w.returncode for w in writers] == [0, 0], errors
+    assert path.read_bytes() == whole and not list(path.parent.glob("*.tmp"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -119,12 +120,19 @@ def save(kv: PromptKV, path: Path, key: str) -> None:
     tensors = {"offsets": torch.tensor(kv.offsets, dtype=torch.long)}
     for layer, (k, v) in enumerate(zip(kv.keys, kv.values)):
         tensors[f"keys.{layer}"], tensors[f"values.{layer}"] = k.cpu(), v.cpu()
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    # A temp name of this writer's own: two evaluations of one key at once (`rlhf init`'s baseline beside a `dvc repro
+    # evaluate`) each publish a whole file, and a reader sees the old file or a whole new one, never a partial write.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"key": key})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     for other in path.parent.glob(f"*{SUFFIX}"):
         if other != path:
-            other.unlink()
+            other.unlink(missing_ok=True)  # another writer may be removing it too
 
 
 def load(path: Path, key: str, where: torch.device) -> PromptKV | None:
