@@ -107,7 +107,7 @@ def make_project(dest: Path, params: dict, source_rows: int = 60) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "dvc.yaml", dest / "dvc.yaml")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for code in ("stages", "rlhf"):  # dvc.yaml's code deps (the code that runs is the installed package)
+    for code in ("stages", "rlhf"):  # dvc.yaml's code deps, and the code its stages run
         shutil.copytree(ROOT / code, dest / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / ".dvcignore", dest / ".dvcignore")
     data = dest / "data" / "tldr"
