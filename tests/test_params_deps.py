@@ -17,6 +17,10 @@ from conftest import ROOT, make_project, run, stage_main, tiny_params
 
 # Read by a stage, but cannot change what it writes: listing them would rerun stages for nothing.
 NO_EFFECT_ON_OUTPUTS = {"runtime.progress": "progress bars only"}
+# Read by the stage runner (rlhf/runtime/stage.py) before `main`, for every stage: torch's thread count. It changes
+# the last digits of what a model computes (kernels split their sums by it), so it counts as read by each stage whose
+# main runs a model's forward pass, and by no other.
+THREADS = "runtime.threads"
 
 SWITCHES = {
     "sft": {"enabled": True, "examples": 8, "epochs": 1, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2,
@@ -64,6 +68,19 @@ def recorded_reads(params):
         del _Section.__getattribute__
 
 
+@contextmanager
+def model_forwards():
+    """Yield a list that counts the forward calls of torch modules inside the block."""
+    import torch
+
+    calls: list[int] = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def dvc_stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -97,11 +114,11 @@ def reads_per_stage(repo: Path, monkeypatch) -> dict[str, set[str]]:
         script = next(w for w in words if w.startswith("stages/"))
         args = words[words.index(script) + 1:]
         params = load_params(repo / "params.yaml")  # validation reads every key; only main's reads count
-        with recorded_reads(params) as (reads, strays):
+        with recorded_reads(params) as (reads, strays), model_forwards() as forwards:
             stage_main(Path(script).stem)(params, *args)
         assert not strays, f"stage {name} read params through a copy the test cannot attribute: {sorted(strays)}"
         assert reads, f"stage {name}: no params read recorded (is the recorder still hooked in?)"
-        found[name] = reads
+        found[name] = reads | ({THREADS} if forwards else set())
     return found
 
 
@@ -129,6 +146,9 @@ def test_every_params_key_a_stage_reads_is_listed_for_it_in_dvc_yaml(reads, conf
     # The run went through the branches it was meant to (a silently skipped branch would prove nothing)
     everything = set().union(*reads[configuration].values())
     assert {"sft.enabled", "eval.greedy", "kl.in_reward", "ppo.dual_clip", "critic.mode"} <= everything
+    model_stages = {stage for stage, keys in reads[configuration].items() if THREADS in keys}
+    assert {"rollout", "reward", "reference", "update", "evaluate"} <= model_stages
+    assert not {"policy_model", "reward_model", "prepare", "sample", "advantages"} & model_stages
     if CONFIGURATIONS[configuration]:
         assert {"sft.lr", "kl.target", "kl.horizon", "optim.warmup_iterations", "eval.samples_per_prompt"} <= everything
 
