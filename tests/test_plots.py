@@ -103,3 +103,40 @@ def test_screenshots_go_to_the_images_folder(project):
 
     report_dom = rendered_dom(project / "metrics/report.html")
     assert report_dom.count("<tr>") >= 5 and 'id="samples"' in report_dom
+
+
+def _plots_env(path_first: str | None = None) -> dict:
+    path = os.pathsep.join(p for p in (path_first, BIN, os.environ["PATH"]) if p)
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT)}
+
+
+@needs_browser
+def test_two_screenshot_runs_at_once_both_write_their_pngs(project, tmp_path):
+    """Two `rlhf plots --screenshots` at once (two experiments, two folders): each browser gets a profile of its
+    own, so neither is turned away by the other's."""
+    calls = [subprocess.Popen(["rlhf", "plots", "--screenshots", "--out", str(tmp_path / f"plots{i}"), "--images",
+                               str(tmp_path / f"images{i}")], cwd=project, env=_plots_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [call.communicate(timeout=300) for call in calls]
+    assert [call.returncode for call in calls] == [0, 0], outputs
+    for i in range(2):
+        data = (tmp_path / f"images{i}" / "report.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, i
+
+
+def test_a_failed_screenshot_is_an_error_and_leaves_no_old_png(project, tmp_path):
+    """A browser that fails (here one that exits 1 without writing) makes the command fail in one line; the PNG of an
+    earlier run is not left behind as if it were this one's."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "chromium").write_text("#!/bin/sh\necho '[1:1:ERROR:x.cc] cannot open the display' >&2\nexit 1\n")
+    (fake / "chromium").chmod(0o755)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "report.png").write_bytes(b"\x89PNG\r\n\x1a\nan earlier run's")
+    result = subprocess.run(["rlhf", "plots", "--screenshots", "--out", str(tmp_path / "plots"), "--images",
+                             str(images)], cwd=project, env=_plots_env(str(fake)), capture_output=True, text=True)
+    assert result.returncode == 2, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: chromium could not screenshot ") and "cannot open the display" in last, last
+    assert "Traceback" not in result.stderr and not (images / "report.png").exists()

@@ -171,5 +171,5 @@ def test_a_package_changed_while_the_warm_process_imports_is_never_served(tmp_pa
     (ws / "stages" / "probe.py").write_text(PROBE_STAGE)
     result = run(["python", "stages/probe.py"], ws)
     assert "mark=clean worker=-" in result.stdout, result.stdout + result.stderr
-    assert "changed while the warm process imported it" in result.stderr
+    assert "the rlhf package changed while the warm process was starting" in result.stderr
     assert (ws / "rlhf" / "_mark.py").read_text() == 'MARK = "clean"\n'

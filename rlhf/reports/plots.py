@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from rlhf.errors import ArtifactError
@@ -98,10 +99,17 @@ def png_sheet(svgs: dict[str, str], png: Path, scale: float = 1.0) -> Path:
 
 
 def chromium(url: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--hide-scrollbars", "--virtual-time-budget=8000", "--user-data-dir=/tmp/rlhf-chromium"]
-    return subprocess.run(["chromium", *flags, *args, url], capture_output=True, text=True, timeout=timeout)
+    """Headless Chromium on url, in a browser profile of this call's own: Chromium refuses to start a second browser
+    on a profile another one holds (two `rlhf plots` at once, e.g. in two experiments), and a shared profile would
+    carry state from one call to the next."""
+    with tempfile.TemporaryDirectory(prefix="rlhf-chromium-") as profile:
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--hide-scrollbars", "--virtual-time-budget=8000", f"--user-data-dir={profile}"]
+        try:
+            return subprocess.run(["chromium", *flags, *args, url], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ArtifactError(f"chromium on {url}: no result after {timeout} s") from None
 
 
 def has_browser() -> bool:
@@ -109,8 +117,16 @@ def has_browser() -> bool:
 
 
 def screenshot(html_file: Path, png: Path, width: int = 1400, height: int = 1800) -> Path:
+    """png written from html_file, or an error: never an old PNG left in place as if it were the new one."""
     png.parent.mkdir(parents=True, exist_ok=True)
-    chromium(html_file.resolve().as_uri(), f"--screenshot={png.resolve()}", f"--window-size={width},{height}")
+    png.unlink(missing_ok=True)
+    result = chromium(html_file.resolve().as_uri(), f"--screenshot={png.resolve()}", f"--window-size={width},{height}")
+    written = png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if result.returncode != 0 or not written:
+        lines = [line for line in result.stderr.splitlines() if "ERROR" in line] or result.stderr.splitlines() or [""]
+        png.unlink(missing_ok=True)
+        raise ArtifactError(f"chromium could not screenshot {html_file} to {png} (exit code {result.returncode}): "
+                            f"{lines[-1].strip()[:300]}")
     return png
 
 

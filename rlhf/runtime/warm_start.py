@@ -205,13 +205,13 @@ def _connect_or_start(digest: str) -> socket.socket:
         env.pop(RUSAGE_ENV, None)
         idle = os.environ.get(IDLE_ENV, "300")
         proc = subprocess.Popen([sys.executable, "-m", "rlhf.runtime.warm_start", str(path), idle, digest],
-                                cwd=package_dir().parent,
-                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                                cwd=package_dir().parent, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
         log.close()
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() == CODE_CHANGED_EXIT:
-                raise RuntimeError("the rlhf package changed while the warm process imported it")
+                raise RuntimeError("the rlhf package changed while the warm process was starting")
             if proc.poll() is not None:
                 raise RuntimeError(f"the warm process exited with {proc.returncode}; see {d / f'{k}.log'}")
             try:
