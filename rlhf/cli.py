@@ -125,7 +125,8 @@ def plots(params: Path = ParamsOpt,
             written = [stage.png_sheet(svgs, images / "plots.png")]
             report = Path(p.paths.metrics) / "report.html"
             if not report.exists():
-                typer.echo(f"no {report} yet (written by the evaluate stage): report.png not written", err=True)
+                typer.echo(f"no {report} yet (`rlhf init` and `rlhf advance` write it): report.png not written",
+                           err=True)
             elif not stage.has_browser():
                 typer.echo("chromium not found: report.png not written (plots.png needs no browser)", err=True)
             else:
