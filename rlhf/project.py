@@ -290,7 +290,8 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
           + f"; total {time.perf_counter() - start:.0f} s")
     from rlhf.runtime.device import machine_line
 
-    print(machine_line())  # the times above mean little without it: machines of one kind differ 2× and more
+    # the times above mean little without it: machines of one kind differ 2× and more
+    print(machine_line(params.policy_model.dtype, params.runtime.device))
 
 
 def print_summary(params: Params) -> None:
