@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import typer
+from rlhf.runtime.interrupt import quiet_interrupts
+
+quiet_interrupts()  # a Ctrl-C while the command starts: no traceback (rlhf train says where it stopped)
+
+import typer  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RLHF with PPO + LoRA as a DVC pipeline. `dvc repro` runs one iteration (stages/*.py); these are the commands around it.")
@@ -56,18 +60,27 @@ def advance(params: Path = ParamsOpt, track: bool = typer.Option(True, help="`dv
 @app.command()
 def train(params: Path = ParamsOpt,
           iterations: Optional[int] = typer.Option(None, "--iterations", "-n", min=0,
-                                                   help="default: train.iterations; 0: only models, prompts and "
-                                                        "iteration 0"),
+                                                   help="this many more iterations (default: up to "
+                                                        "train.iterations); 0: only models, prompts and iteration 0"),
           commit: bool = typer.Option(False, help="git commit + tag each iteration (iter-N)"),
           tag_prefix: str = typer.Option("iter-", help="tag name prefix"),
           push: bool = typer.Option(False, help="dvc push every iteration's state to the default remote"),
           force: bool = typer.Option(False, "--force", help="with --commit: move iteration tags that already exist")):
-    """Run N PPO iterations: dvc repro + advance, N times."""
+    """Bring the run to train.iterations PPO iterations (dvc repro + advance each), or -n N more. Run again, it
+    continues where it stopped; a finished run does nothing."""
     from rlhf import project as st
 
     def go():
         p = _params(params)
-        st.train(p, p.train.iterations if iterations is None else iterations, commit, tag_prefix, push, force)
+        try:
+            st.train(p, iterations, commit, tag_prefix, push, force)
+        except st.Interrupted as stop:
+            again = ["rlhf train", *([f"-p {params}"] if params != Path("params.yaml") else []),
+                     *([f"-n {iterations - stop.done}"] if iterations is not None else []),
+                     *(["--commit"] if commit else []), *(["--push"] if push else []),
+                     *([f"--tag-prefix {tag_prefix}"] if tag_prefix != "iter-" else [])]
+            typer.echo(f"{stop}; continue with: {' '.join(again)}", err=True)
+            raise typer.Exit(130)
 
     _run(go)
 
@@ -125,7 +138,8 @@ def plots(params: Path = ParamsOpt,
             written = [stage.png_sheet(svgs, images / "plots.png")]
             report = Path(p.paths.metrics) / "report.html"
             if not report.exists():
-                typer.echo(f"no {report} yet (written by the evaluate stage): report.png not written", err=True)
+                typer.echo(f"no {report} yet (`rlhf init` and `rlhf advance` write it): report.png not written",
+                           err=True)
             elif not stage.has_browser():
                 typer.echo("chromium not found: report.png not written (plots.png needs no browser)", err=True)
             else:

@@ -91,10 +91,13 @@ def _env() -> dict:
 
 
 def dvc(*args: str) -> None:
+    """`dvc ARGS`; Ctrl-C raises interrupt.DvcInterrupted (a KeyboardInterrupt) once DVC has stopped."""
+    from rlhf.runtime.interrupt import run_dvc
+
     log("$ dvc " + " ".join(args))
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], env=_env())
-    if result.returncode != 0:
-        raise StateError(f"`dvc {' '.join(args)}` failed with exit code {result.returncode}")
+    code = run_dvc(list(args), _env())
+    if code != 0:
+        raise StateError(f"`dvc {' '.join(args)}` failed with exit code {code}")
 
 
 def git(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -248,49 +251,101 @@ def commit(params: Params, message: str, tag: str | None = None, force: bool = F
         log(f"train: committed and tagged {tag}")
 
 
-def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = "iter-", push: bool = False,
+class Interrupted(Exception):
+    """Ctrl-C during `rlhf train`: where it stopped (the message) and how many iterations it finished (done)."""
+
+    def __init__(self, where: str, done: int):
+        super().__init__(where)
+        self.done = done
+
+
+def train(params: Params, iterations: int | None, commit_each: bool, tag_prefix: str = "iter-", push: bool = False,
           force_tags: bool = False) -> None:
-    """N × (dvc repro, advance). With commit_each, tag `iter-N` marks the commit right after the repro that made
-    iteration N (models/next = N, `dvc repro` there is a no-op, metrics are N's); an untagged commit follows the
-    advance. `dvc metrics diff iter-1 iter-3` then compares iterations. Existing tags are moved only with
-    force_tags, and that is checked for every planned tag before any work."""
+    """Bring the run to train.iterations (iterations None) or N more iterations: N × (dvc repro, advance). A run
+    already at train.iterations does nothing; an interrupted iteration continues, its finished stages restored from
+    DVC's cache. Ctrl-C raises Interrupted once the child processes have stopped.
+
+    With commit_each, tag `iter-N` marks the commit right after the repro that made iteration N (models/next = N,
+    `dvc repro` there is a no-op, metrics are N's); an untagged commit follows the advance. `dvc metrics diff iter-1
+    iter-3` then compares iterations. Existing tags are moved only with force_tags, and that is checked for every
+    planned tag before any work."""
+    from rlhf.runtime.interrupt import deferred
+
     current = Path(params.paths.current)
-    first = read_state(current)["iteration"] if (current / STATE_FILE).exists() else 0
+    started = (current / STATE_FILE).exists()
+    first = read_state(current)["iteration"] if started else 0
+    if iterations is None:
+        iterations = max(0, params.train.iterations - first)
+        if started and iterations == 0:
+            log(f"train: {current} already holds iteration {first} (train.iterations: {params.train.iterations}); "
+                "nothing to do (`rlhf train -n N` trains N more)")
+            return
     params.check_schedule_horizon(first + iterations - 1)  # refuse before any work, not at the update stage
     if commit_each:
         check_tags_free(planned_tags(params, iterations, tag_prefix), force_tags)
-    start = time.perf_counter()
-    dvc("repro", "prepare", "reward_model", "sft")
-    if not (Path(params.paths.current) / STATE_FILE).exists():
-        init(params)
-        if commit_each:
-            commit(params, "PPO iteration 0 (initial state)", f"{tag_prefix}0", force_tags)
-        if push:
-            dvc("push", str(Path(f"{params.paths.current}.dvc")))
-    timings = [("models, prompts, iteration 0 + its evaluation", time.perf_counter() - start)]
-    for _ in range(iterations):
-        t = time.perf_counter()
-        dvc("repro")
-        iteration = read_state(params.paths.next)["iteration"]
-        if commit_each:
-            # the tagged commit's history CSVs (what `dvc plots diff iter-M iter-N` draws) end at its own iteration
-            record_history(params, iteration)
-            commit(params, f"PPO iteration {iteration}", f"{tag_prefix}{iteration}", force_tags)
-        if push:
-            dvc("push")  # this iteration's state and artifacts, while they are the workspace's
-        advance(params)
-        if commit_each:
-            commit(params, f"advance to iteration {iteration}")
-        if push:
-            dvc("push", str(Path(f"{params.paths.current}.dvc")))
-        timings.append((f"iteration {iteration} (dvc repro + advance)", time.perf_counter() - t))
-        log(f"train: iteration {iteration} took {timings[-1][1]:.0f} s")
-    print_summary(params)
-    print("\nwall time: " + "; ".join(f"{name} {secs:.0f} s" for name, secs in timings)
-          + f"; total {time.perf_counter() - start:.0f} s")
-    from rlhf.runtime.device import machine_line
+    start, where = time.perf_counter(), "while setting up models, prompts and iteration 0"
+    try:
+        dvc("repro", "prepare", "reward_model", "sft")
+        fresh = not started
+        if started and first == 0 and not (Path(params.paths.metrics) / "eval_initial.json").exists():
+            log("train: iteration 0 was cut short before its evaluation; making it again")
+            fresh = True
+        if fresh:
+            init(params, force=started)
+            if commit_each:
+                commit(params, "PPO iteration 0 (initial state)", f"{tag_prefix}0", force_tags)
+            if push:
+                dvc("push", str(Path(f"{params.paths.current}.dvc")))
+        else:
+            finish_advance(params)
+        timings = [("models, prompts, iteration 0 + its evaluation", time.perf_counter() - start)]
+        for _ in range(iterations):
+            t = time.perf_counter()
+            where = f"in iteration {read_state(current)['iteration'] + 1}"
+            dvc("repro")
+            iteration = read_state(params.paths.next)["iteration"]
+            with deferred():  # the iteration's bookkeeping is done whole or not begun
+                if commit_each:
+                    # the tagged commit's history CSVs (what `dvc plots diff iter-M iter-N` draws) end at its own
+                    # iteration
+                    record_history(params, iteration)
+                    commit(params, f"PPO iteration {iteration}", f"{tag_prefix}{iteration}", force_tags)
+                if push:
+                    dvc("push")  # this iteration's state and artifacts, while they are the workspace's
+                advance(params)
+                if commit_each:
+                    commit(params, f"advance to iteration {iteration}")
+                if push:
+                    dvc("push", str(Path(f"{params.paths.current}.dvc")))
+                where = f"after iteration {iteration}"
+            timings.append((f"iteration {iteration} (dvc repro + advance)", time.perf_counter() - t))
+            log(f"train: iteration {iteration} took {timings[-1][1]:.0f} s")
+        print_summary(params)
+        print("\nwall time: " + "; ".join(f"{name} {secs:.0f} s" for name, secs in timings)
+              + f"; total {time.perf_counter() - start:.0f} s")
+        from rlhf.runtime.device import machine_line
 
-    print(machine_line())  # the times above mean little without it: machines of one kind differ 2× and more
+        # the times above mean little without it: machines of one kind differ 2× and more
+        print(machine_line(params.policy_model.dtype, params.runtime.device))
+    except KeyboardInterrupt as stop:
+        stage = getattr(stop, "stage", "")
+        reached = read_state(current)["iteration"] if (current / STATE_FILE).exists() else 0
+        kept = f"iteration {reached} is kept, " if reached else ""
+        raise Interrupted(f"stopped {where}{f' (stage {stage!r})' if stage else ''}: nothing is lost ({kept}"
+                          "finished stages are in DVC's cache)", max(0, reached - first)) from None
+
+
+def finish_advance(params: Params) -> None:
+    """An advance killed after it promoted models/next (Ctrl-C cannot cut it: train defers it) left its history row
+    unwritten: finish it before the next iteration."""
+    current, nxt = Path(params.paths.current), Path(params.paths.next)
+    if not (nxt / STATE_FILE).exists():
+        return
+    iteration = read_state(current)["iteration"]
+    path = history_path(params)
+    rows = {int(r["iteration"]) for r in csv.DictReader(path.open())} if path.exists() else set()
+    if read_state(nxt)["iteration"] == iteration and iteration not in rows:
+        advance(params)
 
 
 def print_summary(params: Params) -> None:

@@ -274,15 +274,98 @@ def test_per_stage_peaks_for_the_qwen3_skywork_configuration():
     assert table.count("\n") == 6 and "| reward | " in table and "fits 24 GB" in table
 
 
-def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
-    """An AVX2-only CPU has no oneDNN bf16 kernels (bf16 matmul ~100× slower than fp32 there): auto → fp32."""
-    from rlhf.runtime.device import resolve_dtype
+NATIVE = frozenset({"sse2", "avx2", "avx512f", "avx512_bf16"})  # /proc/cpuinfo flags of an AVX512-BF16 CPU
+EMULATED = frozenset({"sse2", "avx2", "avx512f"})  # AVX-512 without AVX512-BF16/AMX: oneDNN emulates bf16
 
+
+def fake_cpu(monkeypatch, tmp_path, flags, rates, kernels=True):
+    """The dtype decision's inputs faked: oneDNN's bf16 kernels, the CPU's flags, the measured (fp32, bf16) matmul
+    GFLOP/s; the per-machine record in a file of the test's own. Returns the list of measurements taken."""
+    from rlhf.runtime import device
+
+    measured = []
+
+    def measure():
+        measured.append(rates)
+        return rates
+
+    monkeypatch.setenv("RLHF_DTYPE_CACHE", str(tmp_path / "cpu-dtype.json"))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: kernels)
+    monkeypatch.setattr(device, "cpu_flags", lambda: flags, raising=False)
+    monkeypatch.setattr(device, "measure_bf16_fp32", measure, raising=False)
+    monkeypatch.setattr(device, "matmul_gflops", lambda dtype, *a, **k: 100.0)  # the machine line's own rates
+    return measured
+
+
+@pytest.mark.parametrize("flags,rates,kernels,expected", [
+    (NATIVE, (100.0, 400.0), True, "bfloat16"),  # native bf16, measured 4× faster
+    (NATIVE, (300.0, 50.0), True, "float32"),  # flags promise bf16, the measurement says slower
+    (EMULATED, (284.0, 49.7), True, "float32"),  # AVX-512 alone: oneDNN says bf16 is supported, and emulates it
+    (NATIVE, (100.0, 400.0), False, "float32"),  # no oneDNN bf16 kernels at all (AVX2-only)
+])
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_it_is_faster(monkeypatch, tmp_path, flags, rates, kernels, expected):
+    """On an AVX-512 CPU without AVX512-BF16/AMX, oneDNN reports bf16 support and emulates it 3-6x slower than fp32:
+    `auto` once took bf16 there. The machine line says which dtype `auto` chose and why."""
+    from rlhf.runtime.device import machine_line, resolve_dtype
+
+    fake_cpu(monkeypatch, tmp_path, flags, rates, kernels)
     cpu = torch.device("cpu")
     assert resolve_dtype("float32", cpu) == "float32" and resolve_dtype("bfloat16", cpu) == "bfloat16"
-    for native, expected in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
-        assert resolve_dtype("auto", cpu) == expected
-        device = resolve_device("cpu", "auto")
-        assert device.dtype == expected and (device.autocast_dtype is not None) == (expected == "bfloat16")
+    assert resolve_dtype("auto", cpu) == expected
+    device = resolve_device("cpu", "auto")
+    assert device.dtype == expected and (device.autocast_dtype is not None) == (expected == "bfloat16")
+    line = machine_line("auto", "cpu")
+    assert line.endswith(")") and f"; dtype {expected} (auto: " in line, line
+    if (flags, kernels) == (NATIVE, True):  # the measurement decided, and the line gives it
+        fp32, bf16 = rates
+        assert (f"{bf16 / fp32:.1f}× fp32 measured" if bf16 > fp32 else f"{bf16:.0f} < fp32 {fp32:.0f}") in line
+    assert "dtype float32 (set in params.yaml)" in machine_line("float32", "cpu")
     assert resolve_dtype("auto", torch.device("meta")) == "float32"
+
+
+def test_auto_dtype_is_decided_once_per_machine(monkeypatch, tmp_path):
+    """Every stage resolves `auto`; one run's stages must all get the same dtype, so the measurement is taken once and
+    kept, and a later stage whose own measurement would say otherwise reads the kept decision."""
+    from rlhf.runtime import device
+
+    measured = fake_cpu(monkeypatch, tmp_path, NATIVE, (100.0, 400.0))
+    assert device.resolve_dtype("auto", torch.device("cpu")) == "bfloat16" and len(measured) == 1
+    fake_cpu(monkeypatch, tmp_path, NATIVE, (400.0, 100.0))  # a second measurement would flip it
+    assert [device.resolve_dtype("auto", torch.device("cpu")) for _ in range(3)] == ["bfloat16"] * 3
+    record = json.loads((tmp_path / "cpu-dtype.json").read_text())
+    assert [(r["dtype"], r["fp32_gflops"], r["bf16_gflops"]) for r in record.values()] == [("bfloat16", 100.0, 400.0)]
+    # Another torch is another machine as far as the kernels go: decided afresh, kept beside the first.
+    measured = fake_cpu(monkeypatch, tmp_path, NATIVE, (400.0, 100.0))
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert device.resolve_dtype("auto", torch.device("cpu")) == "float32" and len(measured) == 1
+    assert len(json.loads((tmp_path / "cpu-dtype.json").read_text())) == 2
+
+
+def test_auto_dtype_without_a_writable_record_follows_the_flags_alone(monkeypatch, tmp_path):
+    """A measurement that cannot be kept would be taken again by each stage and could differ: the flags decide."""
+    from rlhf.runtime import device
+
+    measured = fake_cpu(monkeypatch, tmp_path, NATIVE, (400.0, 100.0))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("RLHF_DTYPE_CACHE", str(tmp_path / "file" / "cpu-dtype.json"))  # under a file: no folder
+    choices = [device.explain_dtype("auto", torch.device("cpu")) for _ in range(2)]
+    assert choices[0] == choices[1] and choices[0][0] == "bfloat16" and "cannot write" in choices[0][1]
+    assert measured == []
+    fake_cpu(monkeypatch, tmp_path, EMULATED, (100.0, 400.0))
+    monkeypatch.setenv("RLHF_DTYPE_CACHE", str(tmp_path / "file" / "cpu-dtype.json"))
+    assert device.resolve_dtype("auto", torch.device("cpu")) == "float32"
+
+
+def test_auto_dtype_follows_onednn_isa_cap(monkeypatch, tmp_path):
+    """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 makes oneDNN emulate bf16 on a CPU that has it: fp32, unmeasured."""
+    from rlhf.runtime import device
+
+    measured = fake_cpu(monkeypatch, tmp_path, NATIVE, (100.0, 400.0))
+    for cap, expected in (("AVX512_CORE", "float32"), ("avx2", "float32"), ("AVX512_CORE_BF16", "bfloat16"),
+                          ("AVX512_CORE_AMX", "bfloat16"), ("ALL", "bfloat16")):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        dtype, why = device.explain_dtype("auto", torch.device("cpu"))
+        assert dtype == expected, (cap, why)
+        assert (f"ONEDNN_MAX_CPU_ISA={cap}" in why) == (expected == "float32")
+    assert len(measured) == 3  # each uncapped setting is a machine of its own; the capped ones need no measurement

@@ -295,3 +295,16 @@ def test_embedded_preset_is_the_shipped_params(tmp_path: Path):
     assert big.policy_model.id == "Qwen/Qwen3-0.6B" and big.ppo.epochs == 4
     apply("embedded", tmp_path / "params.yaml")
     assert load_params(tmp_path / "params.yaml") == load_params(ROOT / "params.yaml")
+
+
+def test_params_not_utf8_stop_every_entry_point_with_one_line_naming_the_line(tmp_path: Path):
+    """A params.yaml saved in a legacy encoding (one Latin-1 byte in a comment) was a 59-line UnicodeDecodeError."""
+    path = edited(tmp_path, "optim:\n", "optim:                         # reglages\n")
+    path.write_bytes(path.read_bytes().replace(b"# reglages", b"# r\xe9glages"))  # the file's other lines stay UTF-8
+    rows = path.read_bytes().split(b"\n")
+    line = next(i for i, row in enumerate(rows, 1) if row.startswith(b"optim:"))
+    expected = f"error: params.yaml: not valid UTF-8 (byte 0xe9 on line {line}); save the file as UTF-8"
+    stages = [name[:-3] for name in sorted(p.name for p in (ROOT / "stages").glob("*.py"))]
+    for cmd in [stage(name) for name in stages] + [["rlhf", "check-params"], ["rlhf", "train"]]:
+        result = run(cmd, tmp_path, check=False)
+        assert (result.returncode, result.stderr.strip().splitlines()) == (2, [expected]), (cmd, result.stderr)

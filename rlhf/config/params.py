@@ -355,12 +355,24 @@ def _refuse_repeated_keys(node: yaml.Node, where: tuple[str, ...] = ()) -> None:
             _refuse_repeated_keys(item, (*where, str(i)))
 
 
+def decode_utf8(path: Path) -> str:
+    """The file's text; YAML (and DVC, which reads params.yaml too) wants UTF-8, and a file saved in a legacy
+    encoding otherwise fails deep inside the YAML reader, far from the byte to fix."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ParamsError(f"{path}: not valid UTF-8 (byte 0x{data[err.start]:02x} on line {line}); "
+                          "save the file as UTF-8") from None
+
+
 def read_yaml(path: str | Path) -> dict | None:
     """The params file's mapping, unvalidated; a missing file, broken YAML or a repeated key is a ParamsError."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: file not found")
-    text = path.read_text()
+    text = decode_utf8(path)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rlhf.runtime.interrupt import quiet_interrupts
 from rlhf.runtime.log import log
 
+quiet_interrupts()  # Ctrl-C while a stage imports: the command that ran it says where it stopped
 EXPECTED_ERRORS_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def run_stage(main: Callable[..., object], warm: bool = True, argv: list[str] | None = None) -> None:
@@ -95,13 +98,17 @@ def configure(params):
 
 def guarded(fn: Callable[[], int | None]) -> int:
     """Run fn; an expected failure (bad params, missing or invalid artifact, model or state problem, non-finite
-    numbers) becomes `error: <one line>` on stderr and exit code 2, with no traceback."""
-    from rlhf.config.params import ParamsError
-    from rlhf.errors import ArtifactError, ModelError, StateError  # torch- and pandas-free
-
+    numbers) becomes `error: <one line>` on stderr and exit code 2, with no traceback; Ctrl-C, exit code 130."""
+    try:
+        from rlhf.config.params import ParamsError
+        from rlhf.errors import ArtifactError, ModelError, StateError  # torch- and pandas-free
+    except KeyboardInterrupt:
+        return INTERRUPTED_EXIT
     try:
         return fn() or 0
     except (ParamsError, ModelError, ArtifactError, StateError, FloatingPointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXPECTED_ERRORS_EXIT
+    except KeyboardInterrupt:  # Ctrl-C: the command that ran this one says where it stopped (runtime/interrupt.py)
+        return INTERRUPTED_EXIT
 
