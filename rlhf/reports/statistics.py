@@ -82,8 +82,16 @@ def bootstrap_interval(values: Sequence[float], resamples: int, seed: int, level
         raise ValueError(f"bootstrap_mean: needs a 1-D array of per-prompt values (got shape {x.shape})")
     _check(x, resamples, level, "bootstrap_mean")
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(x), size=(resamples, len(x)))  # (B, P) prompt indices
-    return percentile_interval(float(x.mean()), x[picks].mean(axis=1), level)  # (B,) resample means
+    means = np.concatenate([x[rng.integers(0, len(x), size=(n, len(x)))].mean(axis=1)  # (n, P) prompt indices
+                            for n in _chunks(resamples, len(x))])  # (B,) resample means
+    return percentile_interval(float(x.mean()), means, level)
+
+
+def _chunks(resamples: int, width: int, cells: int = 2_000_000) -> list[int]:
+    """Resamples per block, so one block's indices stay near `cells` numbers (the draws are the same as in one
+    block: numpy's generator fills them in order)."""
+    step = max(1, cells // max(width, 1))
+    return [min(step, resamples - start) for start in range(0, resamples, step)]
 
 
 def bootstrap_mean(values: Sequence[float], resamples: int, seed: int, level: float) -> tuple[float, float, float]:
@@ -101,10 +109,12 @@ def two_level_bootstrap(values: np.ndarray, resamples: int, seed: int, level: fl
     _check(x, resamples, level, "two_level_bootstrap")
     s, p = x.shape
     rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, s, size=(resamples, s))  # (B, S)
-    prompts = rng.integers(0, p, size=(resamples, s, p))  # (B, S, P)
-    means = x[seeds[:, :, None], prompts].mean(axis=(1, 2))  # (B,)
-    return percentile_interval(float(x.mean()), means, level)
+    means = []
+    for n in _chunks(resamples, s * p):
+        seeds = rng.integers(0, s, size=(n, s))  # (n, S)
+        prompts = rng.integers(0, p, size=(n, s, p))  # (n, S, P)
+        means.append(x[seeds[:, :, None], prompts].mean(axis=(1, 2)))  # (n,)
+    return percentile_interval(float(x.mean()), np.concatenate(means), level)
 
 
 def t_quantile(p: float, df: int) -> float:
