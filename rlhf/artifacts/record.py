@@ -3,8 +3,7 @@
 - The metric registry (`EVAL_METRICS`): each held-out metric's name (its key in eval.json and its column in
   metrics/history.csv is `eval/<name>`), the label tables give it, its number format, whether it comes with an
   interval (then `_ci_low`, `_ci_high` and `_ci_mc`, the bounds' Monte-Carlo error, follow it), the value a claim
-  about it is measured against, whether `rlhf seeds` reports it per seed, and, for a guardrail, which way is worse
-  and by how much. history.csv's columns, the `rlhf train` table, `rlhf seeds` and the plot check read it from here:
+  about it is measured against, and, for a guardrail, which way is worse and by how much. history.csv's columns, the `rlhf train` table, `rlhf seeds` and the plot check read it from here:
   a new held-out metric is one entry here plus its computation in rlhf/evaluation.py.
 - history.csv: read, and one iteration's row upserted.
 - The per-iteration held-out tables (metrics/samples/iter-N.jsonl, one row per held-out prompt): written at
@@ -33,7 +32,6 @@ class Metric:
     fmt: str
     interval: bool = False
     null: float | None = None  # a change is judged against 0, a win rate against 0.5
-    per_seed: bool = False  # a column of `rlhf seeds report`
     worse: int = 0  # guardrail: −1 lower is worse, +1 higher is worse, 0 no guardrail
     tolerance: float = 0.0  # guardrail: a change beyond this in the worse direction counts as worse
 
@@ -45,30 +43,31 @@ class Metric:
         return [self.key + end for end in (INTERVAL_ENDS if self.interval else ("",))]
 
     def guardrail_worse(self, before: float, after: float) -> bool:
-        return self.worse != 0 and self.worse * (after - before) > self.tolerance
+        # 1e-12: a change of exactly the tolerance (0.07 − 0.05 is 0.020000000000000004 in floats) is not beyond it
+        return self.worse != 0 and self.worse * (after - before) > self.tolerance + 1e-12
 
 
 INTERVAL_ENDS = ("", "_ci_low", "_ci_high", "_ci_mc")
 
 EVAL_METRICS = (
-    Metric("reward_mean", "reward", ".4f", per_seed=True),
+    Metric("reward_mean", "reward", ".4f"),
     Metric("reward_std", "reward sd", ".4f"),
     Metric("kl_mean", "KL", ".3f"),
-    Metric("length_mean", "length", ".1f", per_seed=True),
-    Metric("eos_rate", "EOS rate", ".2f", per_seed=True, worse=-1, tolerance=0.05),
+    Metric("length_mean", "length", ".1f"),
+    Metric("eos_rate", "EOS rate", ".2f", worse=-1, tolerance=0.05),
     # no EOS within the length limit: the summary was cut, not finished
-    Metric("cut_rate", "cut at the length limit", ".2f", per_seed=True, worse=+1, tolerance=0.05),
-    Metric("repeated_3gram_fraction", "repeated 3-grams", ".3f", per_seed=True, worse=+1, tolerance=0.02),
+    Metric("cut_rate", "cut at the length limit", ".2f", worse=+1, tolerance=0.05),
+    Metric("repeated_3gram_fraction", "repeated 3-grams", ".3f", worse=+1, tolerance=0.02),
     Metric("distinct_2", "distinct 2-grams", ".3f"),
     Metric("reward_delta_vs_initial", "Δ reward vs it. 0", "+.4f", interval=True, null=0.0),
     Metric("reward_delta_vs_previous", "Δ reward vs previous", "+.4f", interval=True, null=0.0),
-    Metric("win_rate_vs_initial", "win rate vs it. 0", ".2f", interval=True, null=0.5, per_seed=True),
+    Metric("win_rate_vs_initial", "win rate vs it. 0", ".2f", interval=True, null=0.5),
     Metric("rouge_1_mean", "ROUGE-1", ".4f"),
     Metric("rouge_2_mean", "ROUGE-2", ".4f"),
-    Metric("rouge_l_mean", "ROUGE-L", ".4f", per_seed=True),
+    Metric("rouge_l_mean", "ROUGE-L", ".4f"),
     Metric("rouge_l_delta_vs_initial", "Δ ROUGE-L vs it. 0", "+.4f", interval=True, null=0.0),
     Metric("rouge_l_delta_vs_previous", "Δ ROUGE-L vs previous", "+.4f", interval=True, null=0.0),
-    Metric("rouge_l_win_rate_vs_initial", "ROUGE-L win rate vs it. 0", ".2f", interval=True, null=0.5, per_seed=True),
+    Metric("rouge_l_win_rate_vs_initial", "ROUGE-L win rate vs it. 0", ".2f", interval=True, null=0.5),
     Metric("length_delta_vs_initial", "Δ length vs it. 0", "+.1f", interval=True, null=0.0),
     Metric("reward_delta_vs_initial_length_adjusted", "length-adjusted Δ reward", "+.4f", interval=True, null=0.0),
     Metric("reward_length_slope", "reward per token at it. 0", ".5f"),
@@ -78,11 +77,14 @@ EVAL_METRICS = (
 )
 METRICS = {m.name: m for m in EVAL_METRICS}
 EVAL_COLUMNS = ["iteration", *(c for m in EVAL_METRICS for c in m.columns())]
-PER_SEED = [m for m in EVAL_METRICS if m.per_seed]
+# the columns of `rlhf seeds report`, in its order
+PER_SEED = [METRICS[name] for name in ("reward_mean", "rouge_l_mean", "win_rate_vs_initial",
+                                       "rouge_l_win_rate_vs_initial", "eos_rate", "cut_rate",
+                                       "repeated_3gram_fraction", "length_mean")]
 GUARDRAILS = [m for m in EVAL_METRICS if m.worse]
 
 # The per-prompt columns that are compared between iterations, and the names of their comparisons.
-JUDGES = {"reward": "reward", "rouge_l": "ROUGE-L"}  # per-prompt column → label
+JUDGES = {"rouge_l": "ROUGE-L", "reward": "reward"}  # per-prompt column → label
 WIN_RATE = {"reward": "win_rate_vs_initial", "rouge_l": "rouge_l_win_rate_vs_initial"}
 
 TABLE_DECIMALS = 10  # pandas' default for to_json, kept so archives written before this module read the same
