@@ -218,7 +218,9 @@ def seeds_report(out: Path = typer.Argument(Path("runs/seeds"), help="folder of 
 @seeds_app.command("compare")
 def seeds_compare(a: Path = typer.Argument(..., help="baseline seeds folder"),
                   b: Path = typer.Argument(..., help="variant seeds folder"),
-                  out: Optional[Path] = typer.Option(None, help="also write the table to this Markdown file")):
+                  out: Optional[Path] = typer.Option(None, help="also write the tables to this Markdown file"),
+                  into: Optional[Path] = typer.Option(None, help="also write them into this Markdown file's block"),
+                  block: str = typer.Option("seeds-compare", help="the block's name: <!-- NAME:start --> … end")):
     """B − A per iteration on ROUGE-L and on the reward, paired by seed and held-out prompt, with seed-level and
     pooled intervals, and B's guardrails against A's per seed."""
     from rlhf.reports import seeds as sd
@@ -228,6 +230,8 @@ def seeds_compare(a: Path = typer.Argument(..., help="baseline seeds folder"),
         print(text)
         if out:
             out.write_text(text)
+        if into:
+            into.write_text(sd.replace_block(into.read_text(), block, text, str(into)))
 
     _run(go)
 
