@@ -264,11 +264,12 @@ def train(params: Params, iterations: int, commit_each: bool, tag_prefix: str = 
     print(machine_line())  # the times above mean little without it: machines of one kind differ 2× and more
 
 
-# The `rlhf train` table: (metric, header, width), an interval beside its metric where it has one.
-SUMMARY = [("reward_mean", "reward", 7), ("reward_delta_vs_initial", "Δ reward vs it. 0 [interval]", 40),
+# The `rlhf train` table: (metric, header, width), an interval beside its metric where it has one (a width leaves
+# room for " borderline").
+SUMMARY = [("reward_mean", "reward", 7), ("reward_delta_vs_initial", "Δ reward vs it. 0 [interval]", 37),
            ("reward_delta_vs_initial_length_adjusted", "length-adjusted Δ", 17),
-           ("win_rate_vs_initial", "win rate vs it. 0 [interval]", 40), ("rouge_l_mean", "ROUGE-L", 7),
-           ("rouge_l_delta_vs_initial", "Δ ROUGE-L vs it. 0 [interval]", 40), ("kl_mean", "KL", 6),
+           ("win_rate_vs_initial", "win rate vs it. 0 [interval]", 28), ("rouge_l_mean", "ROUGE-L", 7),
+           ("rouge_l_delta_vs_initial", "Δ ROUGE-L vs it. 0 [interval]", 37), ("kl_mean", "KL", 6),
            ("length_mean", "length", 6), ("eos_rate", "EOS", 4), ("cut_rate", "cut", 4),
            ("repeated_3gram_fraction", "rep. 3-grams", 12)]
 
