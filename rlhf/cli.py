@@ -211,18 +211,20 @@ def seeds_run(seeds: list[int] = typer.Option([42, 1, 2], "--seed", "-s", help="
     """Train each seed in its own git worktree of HEAD (this params.yaml, `seed` and --set applied), one after
     another, then write the report. A stopped run is continued."""
     from rlhf import seeds as sd
+    from rlhf.reports import seeds as seeds_report
 
     def go():
         sd.run(list(seeds), iterations, out, list(overrides), params)
-        sd.report(out)
+        seeds_report.report(out)
 
     _run(go)
 
 
 @seeds_app.command("report")
 def seeds_report(out: Path = typer.Argument(Path("runs/seeds"), help="folder of seed-<s> runs")):
-    """Mean and spread across seeds per iteration (seeds.md / seeds.csv) and every seed's curve (seeds.svg/png)."""
-    from rlhf import seeds as sd
+    """Mean and spread across seeds per iteration (seeds.md / seeds.csv), the change vs iteration 0 with seed-level
+    and pooled intervals, the guardrails per seed, and every seed's curve (seeds.svg/png)."""
+    from rlhf.reports import seeds as sd
 
     _run(lambda: print((out / "seeds.md").read_text() if sd.report(out) else ""))
 
@@ -230,15 +232,38 @@ def seeds_report(out: Path = typer.Argument(Path("runs/seeds"), help="folder of 
 @seeds_app.command("compare")
 def seeds_compare(a: Path = typer.Argument(..., help="baseline seeds folder"),
                   b: Path = typer.Argument(..., help="variant seeds folder"),
-                  out: Optional[Path] = typer.Option(None, help="also write the table to this Markdown file")):
-    """B − A per iteration on ROUGE-L and on the reward, paired by seed and held-out prompt."""
-    from rlhf import seeds as sd
+                  out: Optional[Path] = typer.Option(None, help="also write the tables to this Markdown file"),
+                  into: Optional[Path] = typer.Option(None, help="also write them into this Markdown file's block"),
+                  block: str = typer.Option("seeds-compare", help="the block's name: <!-- NAME:start --> … end")):
+    """B − A per iteration on ROUGE-L and on the reward, paired by seed and held-out prompt, with seed-level and
+    pooled intervals, and B's guardrails against A's per seed."""
+    from rlhf.reports import seeds as sd
 
     def go():
         text = sd.compare_markdown(sd.compare(a, b), a, b)
         print(text)
         if out:
             out.write_text(text)
+        if into:
+            into.write_text(sd.replace_block(into.read_text(), block, text, str(into)))
+
+    _run(go)
+
+
+@seeds_app.command("table")
+def seeds_table(folders: list[Path] = typer.Argument(..., help="seeds folders, one per configuration"),
+                iteration: int = typer.Option(..., "--iteration", "-n", help="the iteration shown"),
+                detail: bool = typer.Option(False, help="also win rates, length control, repeated 3-grams, KL"),
+                into: Optional[Path] = typer.Option(None, help="write the table into this Markdown file's block"),
+                block: str = typer.Option("results-table", help="the block's name: <!-- NAME:start --> … end")):
+    """One iteration of several configurations, a row per seed and each one's seed-level mean change (Markdown)."""
+    from rlhf.reports import seeds as sd
+
+    def go():
+        text = sd.results_table({f.name: f for f in folders}, iteration, detail)
+        if into:
+            into.write_text(sd.replace_block(into.read_text(), block, text, str(into)))
+        print(text, end="")
 
     _run(go)
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from rlhf.artifacts import record
 from rlhf.artifacts.files import atomic_write_text, read_state, write_json
+from rlhf.artifacts.record import column, read_table
 from rlhf.artifacts.schema import check_token_ids, read_artifact
 from rlhf.config.params import Eval, Params
-from rlhf.errors import ArtifactError
 from rlhf.models.checkpoint import load_actors
 from rlhf.models.reference_cache import reference_kl, reference_prompt_kv
 from rlhf.models.sampling import contains_stop, generate_with_reference_kl
@@ -47,8 +48,10 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
     rewards = scorer.score([prompts["query"].iloc[i] for i in rows], texts,
                            [prompts["reference"].iloc[i] for i in rows])
     references = [prompts["reference"].iloc[i] for i in rows]
-    samples = pd.DataFrame({"row": rows, "summary": texts, "reward": rewards, "kl": kls,
-                            "length": [len(r) for r in responses], "eos": eos, **judge.rouge(texts, references)})
+    lengths = [len(r) for r in responses]
+    samples = pd.DataFrame({"row": rows, "summary": texts, "reward": rewards, "kl": kls, "length": lengths,
+                            "eos": eos, "cut": [not e and n >= cfg.max_new_tokens for e, n in zip(eos, lengths)],
+                            **judge.rouge(texts, references)})
     table = per_prompt_table(prompts, samples)
     metrics = {
         "iteration": read_state(state_dir)["iteration"],
@@ -58,6 +61,7 @@ def evaluate_policy(params: Params, state_dir: Path) -> tuple[dict, pd.DataFrame
         "eval/kl_mean": float(table["kl"].mean()),
         "eval/length_mean": float(table["length"].mean()),
         "eval/eos_rate": float(table["eos"].mean()),
+        "eval/cut_rate": float(table["cut"].mean()),
         "eval/num_prompts": len(table),
         "eval/samples_per_prompt": per_prompt,
         "eval/repeated_3gram_fraction": st.mean_repeated_ngram_fraction(texts, 3),
@@ -88,38 +92,15 @@ def held_out_responses(params: Params, actors, prompt_ids: list, ids: list, rows
 
 def per_prompt_table(prompts: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
     """One row per held-out prompt, so every later comparison pairs prompts: its first summary (all of them in
-    `summaries`), and the mean reward, ROUGE, KL and length and the EOS fraction over its samples."""
+    `summaries`), and the mean reward, ROUGE, KL and length and the EOS and cut fractions over its samples."""
     by_prompt = samples.groupby("row", sort=True)
-    means = {name: by_prompt[name].mean().to_numpy() for name in ("reward", *judge.ROUGE_TYPES, "kl", "length", "eos")}
+    means = {name: by_prompt[name].mean().to_numpy()
+             for name in ("reward", *judge.ROUGE_TYPES, "kl", "length", "eos", "cut") if name in samples.columns}
     return pd.DataFrame({
         "prompt_id": prompts["prompt_id"].to_numpy(), "query": prompts["query"].to_numpy(),
         "summary": by_prompt["summary"].first().to_numpy(), **means,
         "reference": prompts["reference"].to_numpy(), "summaries": by_prompt["summary"].agg(list).to_numpy(),
     })
-
-
-def read_table(path: Path) -> pd.DataFrame | None:
-    """An earlier iteration's held-out table (metrics/samples/iter-N.jsonl) indexed by prompt_id; None if absent."""
-    if not path.exists():
-        return None
-    try:
-        table = pd.read_json(path, lines=True)
-    except ValueError as err:
-        raise ArtifactError(f"{path}: not a JSON-lines sample table ({str(err).splitlines()[0]})") from None
-    missing = {"prompt_id", "reward"} - set(table.columns)
-    if missing:
-        raise ArtifactError(f"{path}: sample table lacks column(s) {sorted(missing)}")
-    if table["prompt_id"].duplicated().any():
-        raise ArtifactError(f"{path}: sample table has duplicate prompt_id rows")
-    return table.set_index("prompt_id")
-
-
-def column(table: pd.DataFrame | None, name: str) -> pd.Series | None:
-    """One per-prompt column of a held-out table as floats; None when the table is absent or predates the column
-    (an archive written before ROUGE was judged has no rouge_l: its ROUGE comparisons are left out, not faked)."""
-    if table is None or name not in table.columns:
-        return None
-    return table[name].astype(float)
 
 
 def paired(now: pd.Series, before: pd.Series | None, what: str) -> pd.Series | None:
@@ -133,15 +114,12 @@ def paired(now: pd.Series, before: pd.Series | None, what: str) -> pd.Series | N
     return before.reindex(now.index)
 
 
-COMPARED = {"reward": "reward", "rouge_l": "ROUGE-L"}  # per-prompt column → its name in log lines
-
-
 def column_or_log(table: pd.DataFrame | None, name: str, what: str) -> pd.Series | None:
     """`column`, saying why when a table that exists lacks the column."""
     values = column(table, name)
     if table is not None and values is None:
         log(f"evaluate: the {what} held-out table has no {name} column (written before it was measured): "
-            f"its {COMPARED[name]} comparisons are left out (null)")
+            f"its {record.JUDGES[name]} comparisons are left out (null)")
     return values
 
 
@@ -149,16 +127,17 @@ def comparison_metrics(table: pd.DataFrame, iteration: int, archive: Path, cfg: 
     """For the reward and the independent judge (ROUGE-L): the change vs iteration 0 and vs the previous iteration,
     and the win rate vs iteration 0, each with its paired bootstrap interval over the held-out prompts; the reward
     change with its length-explained part removed; and the reward/judge disagreement flag. Iteration 0 compares with
-    itself (Δ 0, win rate 0.5)."""
-    now_table = table.set_index("prompt_id")
+    itself (Δ 0, win rate 0.5). `table` is compared as it will be archived (record.as_recorded), at the precision of
+    the archived tables it is compared with: identical summaries tie."""
+    now_table = record.checked(record.as_recorded(table), "the held-out table")
     initial_table = now_table if iteration == 0 else read_table(archive / "iter-0.jsonl")
     previous_table = None if iteration == 0 else read_table(archive / f"iter-{iteration - 1}.jsonl")
     for found, what in ((initial_table, "iteration-0"), (previous_table if iteration else now_table, "previous iteration's")):
         if found is None:
             log(f"evaluate: no {what} held-out table: its comparisons are left out (null)")
-    interval = lambda x: st.bootstrap_mean(x, cfg.bootstrap_resamples, seed, cfg.interval_level)  # noqa: E731
+    interval = lambda x: st.bootstrap_interval(x, cfg.bootstrap_resamples, seed, cfg.interval_level)  # noqa: E731
     stats = {}
-    for name in COMPARED:
+    for name in record.JUDGES:
         now = column(now_table, name)
         initial = None if now is None else paired(now, column_or_log(initial_table, name, "iteration-0"),
                                                   "iteration-0")
@@ -167,54 +146,65 @@ def comparison_metrics(table: pd.DataFrame, iteration: int, archive: Path, cfg: 
         stats.update({
             f"{name}_delta_vs_initial": None if initial is None else interval(now.to_numpy() - initial.to_numpy()),
             f"{name}_delta_vs_previous": None if previous is None else interval(now.to_numpy() - previous.to_numpy()),
-            f"{name}_win_rate_vs_initial": (None if initial is None
-                                            else interval(st.wins(now.to_numpy(), initial.to_numpy()))),
+            record.WIN_RATE[name]: (None if initial is None
+                                    else interval(st.wins(now.to_numpy(), initial.to_numpy()))),
         })
-    stats["win_rate_vs_initial"] = stats.pop("reward_win_rate_vs_initial")  # the reward's keeps its historic name
-    length_stats, slope = length_control(now_table, initial_table, interval)
+    length_stats, (slope, r2) = length_control(now_table, initial_table, interval)
     stats.update(length_stats)
     out = {}
     for name, value in stats.items():
-        point, low, high = value if value is not None else (None, None, None)
-        out.update({f"eval/{name}": point, f"eval/{name}_ci_low": low, f"eval/{name}_ci_high": high})
-    out["eval/reward_length_slope"] = slope
+        out.update(zip(record.METRICS[name].columns(), value if value is not None else (None,) * 4))
+    out["eval/reward_length_slope"], out["eval/reward_length_r2"] = slope, r2
     out["eval/judge_disagreement"] = judge.disagreement(stats["reward_delta_vs_initial"],
                                                         stats["rouge_l_delta_vs_initial"])
     return out
 
 
-def length_control(now_table: pd.DataFrame, initial_table: pd.DataFrame | None, interval) -> tuple[dict, float | None]:
+def length_control(now_table: pd.DataFrame, initial_table: pd.DataFrame | None, interval) -> tuple[dict, tuple]:
     """How much of the reward change vs iteration 0 length explains. The slope b of reward on length (tokens) is
     fitted across iteration 0's held-out prompts by least squares; a prompt's length-adjusted change is
     Δreward − b·Δlength, the change of its residual from that line. A gain that is only "shorter" or "longer" keeps
-    its Δ reward but loses its adjusted Δ. Returns the intervals and b (None, None when there is nothing to pair)."""
+    its Δ reward but loses its adjusted Δ. The control's power is the fit's R²: near 0, length explains almost none of
+    the reward across prompts, b is near 0 and the adjusted Δ equals the raw one whatever the policy did to length,
+    so it is no evidence either way. Returns the intervals and (b, R²) (Nones when there is nothing to pair)."""
     none = {"length_delta_vs_initial": None, "reward_delta_vs_initial_length_adjusted": None}
     initial_reward, initial_length = column(initial_table, "reward"), column(initial_table, "length")
     if (initial_reward is None or initial_length is None or "length" not in now_table.columns
             or set(initial_reward.index) != set(now_table.index)):
-        return none, None  # `paired` has already said why for the reward
+        return none, (None, None)  # `paired` has already said why for the reward
     initial_reward, initial_length = initial_reward.reindex(now_table.index), initial_length.reindex(now_table.index)
-    slope = st.least_squares_slope(initial_length.to_numpy(), initial_reward.to_numpy())
+    slope, r2 = st.least_squares_fit(initial_length.to_numpy(), initial_reward.to_numpy())
     d_length = now_table["length"].to_numpy(dtype=float) - initial_length.to_numpy()  # (P,)
     d_reward = now_table["reward"].to_numpy(dtype=float) - initial_reward.to_numpy()  # (P,)
     return {"length_delta_vs_initial": interval(d_length),
-            "reward_delta_vs_initial_length_adjusted": interval(d_reward - slope * d_length)}, slope
+            "reward_delta_vs_initial_length_adjusted": interval(d_reward - slope * d_length)}, (slope, r2)
+
+
+# Below this R², length explains too little of iteration 0's reward for the length-adjusted Δ to differ from the raw
+# one (the adjustment is b·Δlength with b ≈ 0): it is shown as without power, not as a check passed.
+LENGTH_CONTROL_MIN_R2 = 0.1
 
 
 def comparison_line(metrics: dict) -> str:
-    """The comparisons in one line, each with its interval; those left out (null) are skipped. A contradiction
-    between the reward and the independent judge ends the line in words."""
-    def show(key: str, label: str, fmt: str) -> list[str]:
-        point, low, high = (metrics.get(key + end) for end in ("", "_ci_low", "_ci_high"))
-        return [] if point is None else [f"{label} {point:{fmt}} [{low:{fmt}}, {high:{fmt}}]"]
+    """The comparisons in one line, each with its interval (marked borderline where a bound is within its Monte-Carlo
+    error of no change); those left out (null) are skipped. A contradiction between the reward and the independent
+    judge ends the line in words."""
+    def show(name: str, label: str) -> list[str]:
+        m = record.METRICS[name]
+        point, low, high, mc = (metrics.get(c) for c in m.columns())
+        return [] if point is None else [f"{label} {st.interval_text(st.Interval(point, low, high, mc or 0.0), m.fmt, m.null)}"]
 
-    parts = (show("eval/win_rate_vs_initial", "win rate vs iteration 0", ".2f")
-             + show("eval/reward_delta_vs_initial", "Δ reward vs iteration 0", "+.4f")
-             + show("eval/reward_delta_vs_previous", "vs previous", "+.4f")
-             + show("eval/reward_delta_vs_initial_length_adjusted", "length-adjusted", "+.4f")
-             + show("eval/rouge_l_delta_vs_initial", "Δ ROUGE-L vs iteration 0", "+.4f")
-             + show("eval/rouge_l_win_rate_vs_initial", "ROUGE-L win rate", ".2f"))
+    r2 = metrics.get("eval/reward_length_r2")
+    power = "" if r2 is None else f" (length fit R² {r2:.3f}{': no power' if r2 < LENGTH_CONTROL_MIN_R2 else ''})"
+    parts = (show("win_rate_vs_initial", "win rate vs iteration 0")
+             + show("reward_delta_vs_initial", "Δ reward vs iteration 0")
+             + show("reward_delta_vs_previous", "vs previous")
+             + [p + power for p in show("reward_delta_vs_initial_length_adjusted", "length-adjusted")]
+             + show("rouge_l_delta_vs_initial", "Δ ROUGE-L vs iteration 0")
+             + show("rouge_l_win_rate_vs_initial", "ROUGE-L win rate"))
     parts.append(f"repeated 3-grams {metrics['eval/repeated_3gram_fraction']:.3f}")
+    if metrics.get("eval/cut_rate") is not None:
+        parts.append(f"cut at the length limit {metrics['eval/cut_rate']:.2f}")
     warning = judge.disagreement_warning(metrics.get("eval/judge_disagreement"))
     return " · ".join(parts) + ("" if warning is None else f" · {warning}")
 
@@ -239,7 +229,7 @@ def evaluate(params: Params, state_dir: Path | None = None, out_json: Path | Non
     metrics_dir = Path(params.paths.metrics)
     write_json(out_json or metrics_dir / "eval.json", metrics)
     atomic_write_text(out_table or metrics_dir / "samples.md", sample_markdown(table, metrics, params.eval.table_rows))
-    table.to_json(Path(out_table or metrics_dir / "samples.md").with_suffix(".jsonl"), orient="records", lines=True)
+    record.write_table(table, Path(out_table or metrics_dir / "samples.md").with_suffix(".jsonl"))
     log(f"evaluate: iteration {metrics['iteration']}: reward {metrics['eval/reward_mean']:.4f}, "
         f"ROUGE-L {metrics['eval/rouge_l_mean']:.4f}, KL {metrics['eval/kl_mean']:.3f}, length {metrics['eval/length_mean']:.1f}, EOS {metrics['eval/eos_rate']:.2f}; "
         + comparison_line(metrics))

@@ -7,8 +7,6 @@ stage outputs. The update stage writes `models/next`; `advance` promotes it and 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -17,27 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.artifacts.files import (
-    STATE_FILE, atomic_write_text, fresh_tmp_dir, read_json, read_state, replace_dir,
-)
+from rlhf.artifacts.files import STATE_FILE, fresh_tmp_dir, read_json, read_state, replace_dir
+from rlhf.artifacts.record import EVAL_COLUMNS, METRICS, read_history, upsert_csv
 from rlhf.config.params import Params
 from rlhf.errors import StateError
 from rlhf.reports import samples as samples_report
 from rlhf.runtime.log import log
 from rlhf.runtime.stage import EXPECTED_ERRORS_EXIT
 
-EVAL_COLUMNS = [
-    "iteration", "eval/reward_mean", "eval/reward_std", "eval/kl_mean", "eval/length_mean", "eval/eos_rate",
-    "eval/repeated_3gram_fraction", "eval/distinct_2",
-    *(f"eval/{name}{end}" for name in ("reward_delta_vs_initial", "reward_delta_vs_previous", "win_rate_vs_initial")
-      for end in ("", "_ci_low", "_ci_high")),
-    "eval/rouge_1_mean", "eval/rouge_2_mean", "eval/rouge_l_mean",
-    *(f"eval/{name}{end}" for name in ("rouge_l_delta_vs_initial", "rouge_l_delta_vs_previous",
-                                       "rouge_l_win_rate_vs_initial", "length_delta_vs_initial",
-                                       "reward_delta_vs_initial_length_adjusted")
-      for end in ("", "_ci_low", "_ci_high")),
-    "eval/reward_length_slope", "eval/judge_disagreement",
-]
 # Iteration k's training row describes the update that produced it (rollout of k − 1), so it starts at 1.
 TRAIN_COLUMNS = [
     "iteration", "objective/scores", "objective/kl", "objective/entropy", "objective/rlhf_reward",
@@ -50,20 +35,6 @@ TRAIN_COLUMNS = [
 
 def history_path(params: Params, name: str = "history.csv") -> Path:
     return Path(params.paths.metrics) / name
-
-
-def upsert_csv(path: Path, columns: list[str], row: dict) -> None:
-    """Insert or replace the row of row["iteration"] (idempotent, so a resumed `advance` is harmless)."""
-    rows = []
-    if path.exists():
-        rows = [r for r in csv.DictReader(path.open()) if int(r["iteration"]) != int(row["iteration"])]
-    rows.append({k: row.get(k, "") for k in columns})
-    rows.sort(key=lambda r: int(r["iteration"]))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def append_history(params: Params, row: dict) -> None:
@@ -348,27 +319,34 @@ def finish_advance(params: Params) -> None:
         advance(params)
 
 
+# The `rlhf train` table: (metric, header, width), an interval beside its metric where it has one (a width leaves
+# room for " borderline").
+SUMMARY = [("reward_mean", "reward", 7), ("reward_delta_vs_initial", "Δ reward vs it. 0 [interval]", 37),
+           ("reward_delta_vs_initial_length_adjusted", "length-adjusted Δ", 17),
+           ("win_rate_vs_initial", "win rate vs it. 0 [interval]", 28), ("rouge_l_mean", "ROUGE-L", 7),
+           ("rouge_l_delta_vs_initial", "Δ ROUGE-L vs it. 0 [interval]", 37), ("kl_mean", "KL", 6),
+           ("length_mean", "length", 6), ("eos_rate", "EOS", 4), ("cut_rate", "cut", 4),
+           ("repeated_3gram_fraction", "rep. 3-grams", 12)]
+
+
 def print_summary(params: Params) -> None:
     from rlhf.reports.judge import disagreement_warning
 
     path = history_path(params)
-    rows = list(csv.DictReader(path.open())) if path.exists() else []
-    print(f"\n{'iteration':>9}  {'reward':>7}  {'Δ reward vs it. 0 [interval]':>28}  {'length-adjusted Δ':>17}  "
-          f"{'win rate vs it. 0 [interval]':>28}  {'ROUGE-L':>7}  {'Δ ROUGE-L vs it. 0 [interval]':>29}  "
-          f"{'KL':>6}  {'length':>6}  {'EOS':>4}  {'rep. 3-grams':>12}")
+    rows = read_history(path)
+    print("\n" + f"{'iteration':>9}  " + "  ".join(f"{header:>{width}}" for _, header, width in SUMMARY))
     warnings = []
     for r in rows:
-        print(f"{r['iteration']:>9}  {_cell(r, 'eval/reward_mean', '.4f'):>7}  "
-              f"{_with_interval(r, 'eval/reward_delta_vs_initial', '+.4f'):>28}  "
-              f"{_cell(r, 'eval/reward_delta_vs_initial_length_adjusted', '+.4f'):>17}  "
-              f"{_with_interval(r, 'eval/win_rate_vs_initial', '.2f'):>28}  {_cell(r, 'eval/rouge_l_mean', '.4f'):>7}  "
-              f"{_with_interval(r, 'eval/rouge_l_delta_vs_initial', '+.4f'):>29}  {_cell(r, 'eval/kl_mean', '.3f'):>6}  "
-              f"{_cell(r, 'eval/length_mean', '.1f'):>6}  {_cell(r, 'eval/eos_rate', '.2f'):>4}  "
-              f"{_cell(r, 'eval/repeated_3gram_fraction', '.3f'):>12}")
+        cells = [(_with_interval(r, name) if METRICS[name].interval and name != "reward_delta_vs_initial_length_adjusted"
+                  else _cell(r, METRICS[name].key, METRICS[name].fmt)) for name, _, _ in SUMMARY]
+        print(f"{r['iteration']:>9}  " + "  ".join(f"{c:>{width}}" for c, (_, _, width) in zip(cells, SUMMARY)))
         flag = r.get("eval/judge_disagreement") or ""
         warning = disagreement_warning(float(flag)) if flag else None
         if warning:
             warnings.append(f"iteration {r['iteration']}: {warning}")
+    r2 = [float(r["eval/reward_length_r2"]) for r in rows if r.get("eval/reward_length_r2")]
+    if r2:
+        print(f"length-adjusted Δ: the reward-on-length fit at iteration 0 has R² {r2[-1]:.3f} (the control's power)")
     for line in warnings:
         print(line)
     m = Path(params.paths.metrics)
@@ -383,9 +361,17 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return format(float(value), fmt) if value else "–"
 
 
-def _with_interval(row: dict, key: str, fmt: str) -> str:
-    point, low, high = (_cell(row, key + end, fmt) for end in ("", "_ci_low", "_ci_high"))
-    return point if point == "–" else f"{point} [{low}, {high}]"
+def _with_interval(row: dict, name: str) -> str:
+    """The value and its interval, "borderline" where a bound is within its Monte-Carlo error of no change."""
+    from rlhf.reports.statistics import Interval, interval_text
+
+    m = METRICS[name]
+    point, low, high, mc = (row.get(c) or "" for c in m.columns())
+    if not point:
+        return "–"
+    if not low:
+        return format(float(point), m.fmt)
+    return interval_text(Interval(float(point), float(low), float(high), float(mc or 0)), m.fmt, m.null)
 
 
 if __name__ == "__main__":  # `python -m rlhf.project baseline`, params as JSON on stdin (init's child process)

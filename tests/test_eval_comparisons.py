@@ -189,6 +189,28 @@ def _compare_judged(tmp_path, now: dict, initial: dict, iteration: int = 1) -> d
     return comparison_metrics(_judged(now), iteration, tmp_path, parse_params(full_params()).eval, seed=0)
 
 
+def test_identical_summaries_tie_although_the_archive_is_rounded(tmp_path):
+    """Iteration 0's table is archived at record.TABLE_DECIMALS decimals; a fresh table is compared as it will be
+    archived, so a prompt whose summary (and so its scores) did not change is a tie, 0.5, not a win or a loss decided
+    by the rounding of one side."""
+    import numpy as np
+
+    from rlhf.artifacts import record
+    from rlhf.config.params import parse_params
+    from rlhf.evaluation import comparison_metrics
+
+    cfg = parse_params(full_params()).eval
+    rng = np.random.default_rng(3)
+    initial = {f"p{i}": (float(r), float(q), 30.0) for i, (r, q) in enumerate(rng.uniform(0, 1, (12, 2)))}
+    record.write_table(_judged(initial), tmp_path / "iter-0.jsonl")
+    got = comparison_metrics(_judged(initial), 1, tmp_path, cfg, seed=0)  # every summary as at iteration 0
+    for name in ("win_rate_vs_initial", "rouge_l_win_rate_vs_initial"):
+        assert [got[f"eval/{name}{end}"] for end in ("", "_ci_low", "_ci_high")] == [0.5, 0.5, 0.5], name
+    now = {k: (v[0] + 0.1, v[1] + 0.1, 30.0) if k in ("p8", "p9", "p10", "p11") else v for k, v in initial.items()}
+    got = comparison_metrics(_judged(now), 1, tmp_path, cfg, seed=0)  # 8 ties, 4 wins
+    assert got["eval/win_rate_vs_initial"] == got["eval/rouge_l_win_rate_vs_initial"] == (8 * 0.5 + 4) / 12
+
+
 def test_rouge_comparisons_are_the_rewards_code_path_on_the_same_numbers(tmp_path):
     rng = __import__("numpy").random.default_rng(0)
     initial = {f"p{i}": (float(x), float(x), 10.0) for i, x in enumerate(rng.uniform(0, 1, 40))}

@@ -180,5 +180,5 @@ def test_every_metric_a_stage_writes_is_in_its_files_glossary_section(project):
         names = set(re.findall(r"`([^`]+)`", section))
         prefixes = [n[:-1] for n in names if n.endswith("*")]  # `skipped_*`
         for key in json.loads((project / "metrics" / f"{name}.json").read_text()):
-            base = re.sub(r"_ci_(low|high)$", "", key)  # a comparison's interval: documented with the comparison
+            base = re.sub(r"_ci_(low|high|mc)$", "", key)  # a comparison's interval: documented with the comparison
             assert base in names or any(key.startswith(p) for p in prefixes), f"{name}.json: {key}"

@@ -106,7 +106,7 @@ def test_checking_for_the_end_every_k_steps_returns_the_same_tokens_and_kept_log
         with torch.no_grad(), merged_policy(actors):
             out = decode(CachedLM(model, ids.shape[1] + 12), ids, mask, 12, stops, 0,
                          lambda logits: pick_tokens(logits, 0.7, 1.0, False, gen), 2, steps.append, kept, k)
-        kept.n = out.shape[1]
+        assert kept.logprobs.shape[1] == out.shape[1]  # decode told its observer which steps were returned
         return out, kept.logprobs.clone(), len(steps)
 
     free = run(1, actors.stop_ids)[0]

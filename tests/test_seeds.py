@@ -1,8 +1,10 @@
-"""`rlhf seeds run | report | compare`: one configuration under several seeds, and what the seeds say together.
+"""`rlhf seeds run | report | compare | table`: one configuration under several seeds, and what the seeds say
+together.
 
 `run` end to end on a tiny project (2 seeds × 1 iteration, then one seed continued); `report` and `compare` on
-hand-written seed folders against naive float64 loops; every bad input refused with one line and exit code 2, before
-any worktree is made.
+hand-written seed folders against naive float64 loops, and on constructed seeds where the pooled and the seed-level
+intervals disagree; the published tables rebuilt from the stored runs byte for byte; every bad input refused with
+one line and exit code 2, before any worktree is made.
 """
 
 import csv
@@ -16,10 +18,13 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_project, run, tiny_params
-from rlhf import seeds as sd
+from conftest import ROOT, make_project, run, tiny_params
+from rlhf.artifacts import record
 from rlhf.config.params import parse_params
-from rlhf.reports.statistics import bootstrap_mean
+from rlhf.reports import seeds as sd
+from rlhf.reports import statistics as st
+
+METRICS = {m.key: m.label for m in record.PER_SEED}  # history.csv column → the report's label
 
 # --------------------------------------------------------------------------------------------- run, end to end
 
@@ -113,7 +118,7 @@ def naive_aggregate(histories: dict[int, dict], iterations: list[int]) -> dict:
     """(iteration, label) → n, mean, sample std, min, max and each seed's value, by plain float64 loops."""
     expected = {}
     for iteration in iterations:
-        for column, label in sd.METRICS.items():
+        for column, label in METRICS.items():
             values = [histories[s][iteration].get(column, "") for s in histories]
             if any(v in ("", None) for v in values):
                 continue
@@ -130,7 +135,7 @@ def naive_aggregate(histories: dict[int, dict], iterations: list[int]) -> dict:
 
 def write_history(folder: Path, rows: list[dict]) -> None:
     (folder / "metrics").mkdir(parents=True, exist_ok=True)
-    columns = ["iteration", *sd.METRICS, "eval/kl_to_reference"]
+    columns = ["iteration", *METRICS, "eval/kl_to_reference"]
     with open(folder / "metrics" / "history.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
@@ -138,7 +143,7 @@ def write_history(folder: Path, rows: list[dict]) -> None:
 
 
 def random_history(gen: np.random.Generator, iterations: int) -> list[dict]:
-    return [{"iteration": i, **{c: repr(float(gen.normal(0.3, 0.2))) for c in sd.METRICS},
+    return [{"iteration": i, **{c: repr(float(gen.normal(0.3, 0.2))) for c in METRICS},
              "eval/kl_to_reference": repr(float(gen.random()))} for i in range(iterations)]
 
 
@@ -157,7 +162,7 @@ def test_report_is_mean_and_spread_per_iteration_over_the_seeds(tmp_path):
     result = run(["rlhf", "seeds", "report", str(tmp_path)], tmp_path)
     expected = naive_aggregate({s: {int(r["iteration"]): r for r in rows} for s, rows in sorted(histories.items())},
                                [0, 1, 2])
-    assert (1, "ROUGE-L") not in expected and (0, "ROUGE-L") in expected and len(expected) == 3 * 7 - 1
+    assert (1, "ROUGE-L") not in expected and (0, "ROUGE-L") in expected and len(expected) == 3 * len(METRICS) - 1
     rows = list(csv.DictReader((tmp_path / "seeds.csv").open()))
     assert [(int(r["iteration"]), r["metric"]) for r in rows] == list(expected)
     for r in rows:
@@ -167,8 +172,8 @@ def test_report_is_mean_and_spread_per_iteration_over_the_seeds(tmp_path):
             assert float(r[key]) == pytest.approx(want[key], rel=1e-12, abs=1e-15), (r["iteration"], r["metric"], key)
     md = (tmp_path / "seeds.md").read_text()
     assert md.startswith("# 3 seeds (7, 11, 42)") and result.stdout.strip() == md.strip()
-    assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "iteration" not in line
-            ] == ["0", "1", "2"]
+    first_table = md.split("\n\n")[1].splitlines()
+    assert [line.split("|")[1].strip() for line in first_table[2:]] == ["0", "1", "2"]
     spec = json.loads((tmp_path / "seeds.vl.json").read_text())
     curve = {(v["seed"], v["iteration"], v["metric"]): v["value"] for v in spec["data"]["values"]}
     for (iteration, label), want in expected.items():
@@ -189,17 +194,39 @@ def write_samples(folder: Path, iteration: int, values: dict[int, tuple[float, f
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "runs" / "seeds-2026-12-06"
 
 
-def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
-    """docs/runs keeps each seed run in the layout `rlhf seeds run` writes, so `report` and `compare` on those folders
-    rebuild the published seeds.md/.csv and compare.md byte for byte: the results page can be checked by a reader."""
+def published_tables(tmp_path: Path) -> dict[str, str]:
+    """Every published table rebuilt from copies of the stored runs by the commands docs/results.md names."""
+    docs = ROOT / "docs" / "runs" / "seeds-2026-12-06"
     for name in ("moments-carried", "moments-reset"):
-        shutil.copytree(PUBLISHED / name, tmp_path / name, ignore=shutil.ignore_patterns("seeds.*"))
-        sd.report(tmp_path / name)
-        for table in ("seeds.md", "seeds.csv"):
-            assert (tmp_path / name / table).read_text() == (PUBLISHED / name / table).read_text(), (name, table)
-    rows = sd.compare(tmp_path / "moments-carried", tmp_path / "moments-reset")
-    table = sd.compare_markdown(rows, Path("runs/default"), Path("runs/reset"))
-    assert table == (PUBLISHED / "compare.md").read_text()
+        shutil.copytree(PUBLISHED / name, tmp_path / docs.relative_to(ROOT) / name,
+                        ignore=shutil.ignore_patterns("seeds.*"))
+    for name in ("README.md", "docs/results.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    folder = docs.relative_to(ROOT)
+    carried, reset = str(folder / "moments-carried"), str(folder / "moments-reset")
+    for command in (["rlhf", "seeds", "report", carried], ["rlhf", "seeds", "report", reset],
+                    ["rlhf", "seeds", "compare", carried, reset, "--out", str(folder / "compare.md")],
+                    ["rlhf", "seeds", "table", carried, reset, "-n", "4", "--into", "README.md"],
+                    ["rlhf", "seeds", "table", carried, reset, "-n", "4", "--detail", "--into", "docs/results.md",
+                     "--block", "seeds-table"]):
+        run(command, tmp_path)
+    return {str(folder / name / table): (tmp_path / folder / name / table).read_text()
+            for name in ("moments-carried", "moments-reset") for table in ("seeds.md", "seeds.csv")} | {
+        str(folder / "compare.md"): (tmp_path / folder / "compare.md").read_text(),
+        "README.md": (tmp_path / "README.md").read_text(), "docs/results.md": (tmp_path / "docs/results.md").read_text()}
+
+
+def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
+    """docs/runs keeps each seed run in the layout `rlhf seeds run` writes, so `report`, `compare` and `table` on
+    those folders rebuild the published seeds.md/.csv, compare.md and the results tables of README.md and
+    docs/results.md byte for byte: no number in them is typed by hand."""
+    rebuilt = published_tables(tmp_path)
+    for name, text in rebuilt.items():
+        assert text == (ROOT / name).read_text(), name
+    readme, results = (ROOT / "README.md").read_text(), (ROOT / "docs/results.md").read_text()
+    assert sd.block(readme, "results-table").count("| moments-") == 8  # the block is there and holds the table
+    assert sd.block(results, "seeds-table").count("| moments-") == 8
 
 
 def test_compare_pairs_by_seed_and_prompt(tmp_path):
@@ -222,7 +249,7 @@ def test_compare_pairs_by_seed_and_prompt(tmp_path):
                 write_samples(side / f"seed-{s}", iteration, values, shuffle)
 
     result = sd.compare(a, b)
-    got = {(r["iteration"], r["judge"]): r for r in result}
+    got = {(r["iteration"], r["judge"]): r for r in result["rows"]}
     assert list(got) == [(0, "ROUGE-L"), (0, "reward"), (1, "ROUGE-L"), (1, "reward")]  # seed 3 stops at 1
     for (iteration, judge), r in got.items():
         column = 1 if judge == "ROUGE-L" else 0
@@ -233,14 +260,19 @@ def test_compare_pairs_by_seed_and_prompt(tmp_path):
             d = [xb[p][column] - xa[p][column] for p in sorted(xa)]
             per_seed[s] = math.fsum(d) / len(d)
             pooled.extend(d)
-        mean, low, high = bootstrap_mean(pooled, 10_000, 0, 0.95)
-        assert r["seeds"] == len(paired) and [k for k in r if k.startswith("seed ")] == [f"seed {s}" for s in paired]
+        c = r["change"]
+        assert r["seeds"] == len(paired) and list(c.per_seed) == paired
         for s in paired:
-            assert r[f"seed {s}"] == pytest.approx(per_seed[s], rel=1e-12, abs=1e-15)
-        assert r["delta"] == pytest.approx(math.fsum(pooled) / len(pooled), rel=1e-12, abs=1e-15)
-        assert (r["delta"], r["ci_low"], r["ci_high"]) == pytest.approx((mean, low, high), rel=1e-12, abs=1e-15)
+            assert c.per_seed[s] == pytest.approx(per_seed[s], rel=1e-12, abs=1e-15)
+        assert c.pooled.mean == pytest.approx(math.fsum(pooled) / len(pooled), rel=1e-12, abs=1e-15)
+        assert c.pooled[:3] == pytest.approx(st.bootstrap_mean(pooled, sd.RESAMPLES, 0, 0.95), rel=1e-12, abs=1e-15)
+        if len(paired) == 2:  # mean ± t(0.975, 1 d.f.) · s / √2 over the two per-seed means
+            m = (per_seed[2] + per_seed[3]) / 2
+            half = 12.706204736 * abs(per_seed[2] - per_seed[3]) / math.sqrt(2) / math.sqrt(2)
+            assert c.seed_level[:3] == pytest.approx((m, m - half, m + half), rel=1e-8)
         assert r["seeds_b_ahead"] == sum(v > 0 for v in per_seed.values())
-    assert got[(0, "reward")]["seeds_b_ahead"] == 1 and got[(0, "reward")]["seed 2"] > 0 > got[(0, "reward")]["seed 3"]
+    r0 = got[(0, "reward")]["change"]
+    assert got[(0, "reward")]["seeds_b_ahead"] == 1 and r0.per_seed[2] > 0 > r0.per_seed[3]
 
     # the same result whatever the row order of A's tables too
     for s in (1, 2, 3):
@@ -249,10 +281,142 @@ def test_compare_pairs_by_seed_and_prompt(tmp_path):
     assert sd.compare(a, b) == result
 
     text = run(["rlhf", "seeds", "compare", str(a), str(b), "--out", str(tmp_path / "cmp.md")], tmp_path).stdout
-    r = got[(0, "reward")]
-    line = (f"| 0 | reward | 2 | {r['delta']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | 1/2 | "
-            f"2: {r['seed 2']:+.4f}, 3: {r['seed 3']:+.4f} |")
+    line = (f"| 0 | reward | 2 | {r0.pooled.mean:+.4f} | {sd.show(r0.seed_level)} | {sd.show(r0.two_level)} | "
+            f"{sd.show(r0.pooled)} | 1/2 | 2: {r0.per_seed[2]:+.4f}, 3: {r0.per_seed[3]:+.4f} |")
     assert line in text and line in (tmp_path / "cmp.md").read_text()
+
+
+def write_run(folder: Path, tables: dict[int, dict[int, dict]], history_rows: list[dict] | None = None,
+              max_new_tokens: int = 8) -> None:
+    """A seed folder as `rlhf seeds run` leaves it: params.yaml (its eval.max_new_tokens), history.csv and one
+    held-out table per iteration ({iteration: {prompt: row}})."""
+    (folder / "metrics" / "samples").mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump({"eval": {"max_new_tokens": max_new_tokens}}))
+    rows = history_rows or [{"iteration": i} for i in tables]
+    write_history(folder, rows)
+    for iteration, by_prompt in tables.items():
+        record.write_table(__import__("pandas").DataFrame([{"prompt_id": p, **r} for p, r in by_prompt.items()]),
+                           record.table_path(folder / "metrics", iteration))
+
+
+def test_pooled_and_seed_level_intervals_disagree_and_the_claim_rests_on_the_seed_level_one(tmp_path):
+    """Three seeds whose B − A is nearly constant within a seed (+0.05, +0.06, −0.03, spread 0.005 over 64 prompts):
+    the pooled bootstrap over the 192 (seed, prompt) pairs lies above 0, but three seed means that far apart give a
+    seed-level t-interval (2 d.f.) across 0; compare prints both and says the claim rests on the seed-level one."""
+    gen = np.random.default_rng(4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    shifts = {1: 0.05, 2: 0.06, 3: -0.03}
+    for s, shift in shifts.items():
+        base = {p: float(x) for p, x in enumerate(gen.uniform(0.1, 0.4, 64))}
+        for side, add in ((a, 0.0), (b, shift)):
+            tables = {it: {p: {"reward": v + add + (float(gen.normal(0, 0.005)) if side == b else 0.0),
+                               "rouge_l": v + add + (float(gen.normal(0, 0.005)) if side == b else 0.0)}
+                           for p, v in base.items()} for it in (0, 1)}
+            write_run(side / f"seed-{s}", tables)
+    result = sd.compare(a, b)
+    r = next(r for r in result["rows"] if r["iteration"] == 1 and r["judge"] == "ROUGE-L")["change"]
+    means = [r.per_seed[s] for s in (1, 2, 3)]
+    assert means == pytest.approx(list(shifts.values()), abs=0.003)
+    assert r.pooled.low > 0  # pooled: "B is better"
+    m, sdev = float(np.mean(means)), float(np.std(means, ddof=1))
+    half = 4.302652730 * sdev / math.sqrt(3)  # t(0.975, 2 d.f.)
+    assert r.seed_level[:3] == pytest.approx((m, m - half, m + half), rel=1e-8)
+    assert r.seed_level.low < 0 < r.seed_level.high  # seed level: not shown
+    assert r.two_level.low < 0 < r.two_level.high
+    text = sd.compare_markdown(result, a, b)
+    assert "A claim rests on the seed-level interval" in text
+    assert f"| 1 | {sd.show(r.seed_level)} | no | 0 of 3 |" in text  # the decision inputs: not above 0
+
+    # the same disagreement in `report`, for the change vs iteration 0 of one configuration
+    for s, shift in shifts.items():
+        t0 = record.read_table(record.table_path(a / f"seed-{s}" / "metrics", 0))
+        tables = {0: {p: dict(row) for p, row in t0.to_dict("index").items()},
+                  1: {p: {k: v + shift + float(gen.normal(0, 0.005)) for k, v in row.items()}
+                      for p, row in t0.to_dict("index").items()}}
+        write_run(tmp_path / "one" / f"seed-{s}", tables)
+    md = (tmp_path / "one" / "seeds.md").read_text() if sd.report(tmp_path / "one") else ""
+    runs = sd.seed_runs(tmp_path / "one")
+    c = next(r for r in sd.changes_vs_initial(runs) if r["judge"] == "ROUGE-L")["change"]
+    assert c.pooled.low > 0 and c.seed_level.low < 0 < c.seed_level.high
+    assert f"| 1 | ROUGE-L | {c.seed_level.mean:+.4f} | {sd.show(c.seed_level)} | {sd.show(c.two_level)} | " \
+           f"{sd.show(c.pooled)} |" in md
+    assert "a claim rests on the seed-level one" in md
+
+
+def test_guardrails_per_seed_by_the_protocol_thresholds(tmp_path):
+    """B against A per seed: EOS rate lower by more than 0.05, share cut at the length limit (no EOS and
+    eval.max_new_tokens tokens, read from the run's params.yaml) higher by more than 0.05, repeated 3-grams higher by
+    more than 0.02 make a seed's guardrail worse; changes at or inside those do not."""
+    n = 40
+    def tables(eos_off: int, long: int) -> dict:
+        """eos_off prompts end without EOS at the limit (8 tokens), `long` more without EOS but shorter (not cut)."""
+        rows = {p: {"reward": 0.3, "rouge_l": 0.2, "eos": p >= eos_off + long,
+                    "length": 8 if p < eos_off else 5} for p in range(n)}
+        return {0: rows, 1: rows}
+
+    def hist(eos: float, rep: float) -> list[dict]:
+        return [{"iteration": i, "eval/eos_rate": repr(eos), "eval/repeated_3gram_fraction": repr(rep)}
+                for i in (0, 1)]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    # seed 1: B cuts 3 more of 40 (+0.075: worse); EOS −0.06 (worse); 3-grams +0.02 (not beyond)
+    write_run(a / "seed-1", tables(2, 0), hist(0.90, 0.05))
+    write_run(b / "seed-1", tables(5, 0), hist(0.84, 0.07))
+    # seed 2: B cuts 2 more (+0.05: not beyond); 2 more without EOS but short (not cut); 3-grams +0.03 (worse)
+    write_run(a / "seed-2", tables(2, 0), hist(0.90, 0.05))
+    write_run(b / "seed-2", tables(4, 2), hist(0.86, 0.08))
+    # seed 3: nothing worse
+    write_run(a / "seed-3", tables(2, 0), hist(0.90, 0.05))
+    write_run(b / "seed-3", tables(2, 0), hist(0.95, 0.04))
+    result = sd.compare(a, b)
+    at1 = {r["seed"]: r for r in result["guardrails"][1]}
+    assert at1[1]["cut_rate"] == pytest.approx((2 / n, 5 / n, True))
+    assert at1[1]["eos_rate"] == pytest.approx((0.90, 0.84, True))
+    assert at1[1]["repeated_3gram_fraction"][2] is False
+    assert at1[2]["cut_rate"] == pytest.approx((2 / n, 4 / n, False))
+    assert at1[2]["eos_rate"][2] is False and at1[2]["repeated_3gram_fraction"][2] is True
+    assert not any(at1[3][m.name][2] for m in record.GUARDRAILS)
+    assert sd.worse_seeds(result["guardrails"][1]) == 2
+    text = sd.compare_markdown(result, a, b)
+    assert "| 1 | 1 | 0.900 → 0.840 (-0.060) | 0.050 → 0.125 (+0.075) | 0.050 → 0.070 (+0.020) | EOS rate, cut at " \
+           "the length limit |" in text
+    assert "| 1 | 3 | 0.900 → 0.950 (+0.050) | 0.050 → 0.050 (+0.000) | 0.050 → 0.040 (-0.010) | no |" in text
+    assert text.rstrip().endswith("| 2 of 3 |")
+
+
+def test_seeds_compare_runs_without_torch(tmp_path):
+    """`rlhf seeds compare` reads run records only: it must not import torch (seconds to load, and absent where
+    stored runs are only read)."""
+    import subprocess
+    import sys
+
+    gen = np.random.default_rng(5)
+    for side in ("a", "b"):
+        for s in (1, 2):
+            write_run(tmp_path / side / f"seed-{s}", {it: {p: {"reward": float(gen.random()), "rouge_l": 0.1}
+                                                           for p in range(6)} for it in (0, 1)})
+    code = ("import sys\nfrom rlhf.cli import app\n"
+            f"sys.argv = ['rlhf', 'seeds', 'compare', {str(tmp_path / 'a')!r}, {str(tmp_path / 'b')!r}]\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "| 1 | reward | 2 |" in out.stdout and out.stdout.rstrip().endswith("no torch")
+
+
+def test_stored_runs_intervals_move_less_than_0_002_across_bootstrap_seeds():
+    """At the default resamples the bounds of every per-seed change vs iteration 0 of the stored seed runs
+    (iteration 4, reward and ROUGE-L) move by less than 0.002 when only the bootstrap's seed changes, and each
+    bound's Monte-Carlo error (read from the resamples) is below 0.0015."""
+    for name in ("moments-carried", "moments-reset"):
+        for s, r in sd.seed_runs(PUBLISHED / name).items():
+            for column in ("reward", "rouge_l"):
+                d = sd.paired_diffs(r.table(0), r.table(4), column)
+                got = [st.bootstrap_interval(d, sd.RESAMPLES, seed, 0.95) for seed in range(5)]
+                for bound in ("low", "high"):
+                    values = [getattr(iv, bound) for iv in got]
+                    assert max(values) - min(values) < 0.002, (name, s, column, bound, values)
+                assert max(iv.mc for iv in got) < 0.0015, (name, s, column)
 
 
 # --------------------------------------------------------------------------------------------- bad inputs

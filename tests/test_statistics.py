@@ -114,3 +114,50 @@ def test_repetition_and_distinct_match_naive_loops_on_random_texts():
         assert st.repeated_ngram_fraction(t, 3) == pytest.approx(naive_repetition(t, 3))
     pairs = [tuple(t.lower().split()[i:i + 2]) for t in texts for i in range(len(t.split()) - 1)]
     assert st.distinct_n(texts, 2) == pytest.approx(len(set(pairs)) / len(pairs))
+
+
+def test_the_monte_carlo_error_of_a_bound_matches_its_spread_across_bootstrap_seeds():
+    """quantile_mc_error, read from one set of resamples, is ~1.96 standard deviations of the bound over many
+    bootstrap seeds (within a factor 1.5 either way)."""
+    x = np.random.default_rng(11).normal(0.05, 0.2, size=64)
+    got = [st.bootstrap_interval(x, 4000, seed, 0.95) for seed in range(60)]
+    spread = np.std([iv.low for iv in got], ddof=1) * 1.96
+    mc = np.median([iv.mc for iv in got])
+    assert spread / 1.5 < mc < spread * 1.5, (mc, spread)
+    assert st.bootstrap_interval(x, 40_000, 0, 0.95).mc < mc / 2  # 10× the resamples: ~√10 × smaller
+
+
+def test_a_bound_within_its_monte_carlo_error_of_zero_is_borderline():
+    """Values shifted so that the lower bound lands on 0 (same seed, same resamples: the bound moves with them) is
+    borderline; shifted 3 Monte-Carlo errors further it is not; an exact interval (no MC error) never is."""
+    x = np.random.default_rng(2).normal(0.05, 0.2, size=64)
+    iv = st.bootstrap_interval(x, 10_000, 0, 0.95)
+    on_zero = st.bootstrap_interval(x - iv.low, 10_000, 0, 0.95)
+    assert on_zero.low == pytest.approx(0.0, abs=1e-12) and on_zero.borderline()
+    assert st.interval_text(on_zero, "+.4f").endswith(" borderline")
+    clear = st.bootstrap_interval(x - iv.low + 3 * iv.mc, 10_000, 0, 0.95)
+    assert not clear.borderline() and clear.excludes(0.0) and not st.interval_text(clear, "+.4f").endswith("line")
+    assert not on_zero.excludes(0.0)
+    win = st.bootstrap_interval(st.wins(x, np.zeros(64)), 10_000, 0, 0.95)  # a win rate is judged against 0.5
+    assert win.borderline(0.5) == (min(abs(win.low - 0.5), abs(win.high - 0.5)) <= win.mc)
+    assert not st.Interval(0.0, 0.0, 0.0, 0.0).borderline()  # nothing changed at all: exact, not borderline
+
+
+@pytest.mark.parametrize("df, p, want", [(1, 0.975, 12.706204736), (2, 0.975, 4.302652730), (4, 0.975, 2.776445105),
+                                         (9, 0.975, 2.262157163), (30, 0.975, 2.042272456), (4, 0.95, 2.131846786)])
+def test_t_quantile_against_published_table_values(df, p, want):
+    assert st.t_quantile(p, df) == pytest.approx(want, abs=1e-8)
+
+
+def test_t_interval_and_two_level_bootstrap_by_hand():
+    means = [0.05, 0.06, -0.03]
+    iv = st.t_interval(means, 0.95)
+    m, s = sum(means) / 3, float(np.std(means, ddof=1))
+    assert iv[:3] == pytest.approx((m, m - 4.302652730 * s / 3 ** 0.5, m + 4.302652730 * s / 3 ** 0.5), rel=1e-9)
+    assert iv.mc == 0.0
+    x = np.random.default_rng(0).normal(size=(3, 8))
+    two = st.two_level_bootstrap(x, 500, 7, 0.9)
+    rng = np.random.default_rng(7)  # the same draws, each resample's mean by a plain loop
+    seeds, prompts = rng.integers(0, 3, size=(500, 3)), rng.integers(0, 8, size=(500, 3, 8))
+    naive = [np.mean([x[seeds[b, i], prompts[b, i, j]] for i in range(3) for j in range(8)]) for b in range(500)]
+    assert two[:3] == pytest.approx((x.mean(), *np.quantile(naive, [0.05, 0.95])), rel=1e-12)

@@ -225,7 +225,7 @@ class Eval(_Section):
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
     table_rows: int = Field(ge=0)
-    bootstrap_resamples: int = Field(ge=100)  # fewer makes the interval's own Monte-Carlo noise visible
+    bootstrap_resamples: int = Field(ge=10_000)  # fewer makes the interval's own Monte-Carlo noise visible
     interval_level: float = Field(gt=0, lt=1)
     # Folder keeping the frozen reference's keys/values over the held-out prompts between iterations
     # (rlhf/models/reference_cache.py); null: computed at every evaluation

@@ -88,7 +88,7 @@ def positions_not_packed():
 
 def response_hidden(backbone: nn.Module, packed: Packed) -> torch.Tensor:
     # No attention mask and default positions 0..L-1: exact for every real token of a right-padded causal batch,
-    # and it lets attention run unmasked-causal (see stages/attention.py).
+    # and it lets attention run unmasked-causal (see rlhf/models/attention.py).
     with positions_not_packed():
         out = backbone(input_ids=packed.input_ids, use_cache=False)
     h = out.last_hidden_state  # (b, L, d)

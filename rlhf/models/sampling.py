@@ -137,7 +137,8 @@ def decode(lm: CachedLM, ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     loop ends when every row has stopped: the tokens returned end at the step where the last row stopped, whatever
     `check_every` is. Whether all rows stopped is read on the host every `check_every` steps only (reading it is a
     device sync, which on a GPU stalls the host until every queued step has run); so up to check_every - 1 steps
-    past the end run, are observed and dropped (their noise comes from the chunk's own generator)."""
+    past the end run, are observed and dropped (their noise comes from the chunk's own generator). An observer with
+    a `keep(n)` method is told how many of the steps it saw were returned, so it drops the others itself."""
     b = ids.shape[0]
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=ids.device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, P): as generate() numbers left-padded rows
@@ -164,6 +165,9 @@ def decode(lm: CachedLM, ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
         mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)  # (b, P+t+1)
         positions = positions[:, -1:] + 1  # (b, 1)
         logits = lm.step(token, mask, positions)
+    keep = getattr(observe, "keep", None)
+    if keep is not None:
+        keep(len(new))
     return torch.stack(new, dim=1)  # (b, n)
 
 
@@ -232,8 +236,6 @@ def _generate(actors: Actors, prompts, max_new_tokens: int, temperature: float, 
         for row in out.tolist():  # the artifact boundary
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             responses.append(row[:cut])
-        if kept:
-            kept.n = out.shape[1]  # the steps decode ran past the end are not kept
         kls = reference_kl(rows, responses, kept.logprobs) if kept else [None] * len(rows)
         local.update({i: (r, kl) for i, r, kl in zip(rows, responses, kls)})
     ticks.close()
@@ -255,6 +257,10 @@ class KeptLogprobs:
             self.buffer = logits.new_empty((logits.shape[0], self.steps, logits.shape[-1]), dtype=torch.float32)
         self.buffer[:, self.n] = torch.log_softmax(logits.float() / self.temperature, dim=-1)
         self.n += 1
+
+    def keep(self, n: int) -> None:
+        """decode ran past the end: only its first n steps are the responses'."""
+        self.n = n
 
     @property
     def logprobs(self) -> torch.Tensor:

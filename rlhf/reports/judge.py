@@ -33,10 +33,10 @@ def rouge(summaries: Sequence[str], references: Sequence[str]) -> dict[str, np.n
 def disagreement(reward_delta: tuple | None, judge_delta: tuple | None) -> int | None:
     """+1 when the reward's change interval lies above 0 and the judge's below 0 (the reward rose while the judge saw
     worse summaries: possible reward hacking); −1 for the reverse; 0 when they do not contradict each other; None
-    when either comparison is missing. Each argument is (point, low, high)."""
-    if reward_delta is None or judge_delta is None or None in (*reward_delta, *judge_delta):
+    when either comparison is missing. Each argument is (point, low, high[, Monte-Carlo error])."""
+    if reward_delta is None or judge_delta is None or None in (*reward_delta[:3], *judge_delta[:3]):
         return None
-    (_, r_low, r_high), (_, j_low, j_high) = reward_delta, judge_delta
+    (_, r_low, r_high), (_, j_low, j_high) = reward_delta[:3], judge_delta[:3]
     if r_low > 0 and j_high < 0:
         return 1
     if r_high < 0 and j_low > 0:

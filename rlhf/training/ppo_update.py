@@ -115,11 +115,6 @@ class StepStats:
         self.sums[key] = self.sums.get(key, 0.0) + value.detach().to(torch.float64)
 
 
-def check_finite(name: str, value: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(value).all():
-        raise FloatingPointError(f"update: non-finite {name} at {where}; nothing written to models/next")
-
-
 def check_all_finite(named: dict, where: str) -> None:
     """{name: tensors} checked with one device-to-host copy (each check alone would wait for the device)."""
     flags = torch.stack([torch.stack([torch.isfinite(v).all() for v in values]).all() for values in named.values()])
