@@ -229,6 +229,19 @@ def seeds_compare(a: Path = typer.Argument(..., help="baseline seeds folder"),
     _run(go)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []})
+def torchrun(ctx: typer.Context):
+    """torchrun with its failures in one line: a node that misses the rendezvous, an endpoint that cannot be reached,
+    a rank that dies. Same arguments as torchrun (`rlhf torchrun --help` is torchrun's help); the multi-node launcher
+    of docs/cluster.md."""
+    from rlhf.runtime.launch import main as launch
+
+    code = launch(list(ctx.args))
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 
