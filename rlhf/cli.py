@@ -229,12 +229,11 @@ def seeds_compare(a: Path = typer.Argument(..., help="baseline seeds folder"),
     _run(go)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                "help_option_names": []})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def torchrun(ctx: typer.Context):
     """torchrun with its failures in one line: a node that misses the rendezvous, an endpoint that cannot be reached,
-    a rank that dies. Same arguments as torchrun (`rlhf torchrun --help` is torchrun's help); the multi-node launcher
-    of docs/cluster.md."""
+    a rank that dies or hangs. Takes torchrun's arguments (`torchrun --help` lists them); the multi-node launcher of
+    docs/cluster.md."""
     from rlhf.runtime.launch import main as launch
 
     code = launch(list(ctx.args))

@@ -237,3 +237,16 @@ def test_node_killed_mid_stage_fails_in_one_line_then_repro_completes(tmp_path, 
     assert (iteration / "rollout.parquet").exists()
     status = subprocess.run(["dvc", "status", "rollout"], cwd=repo, env=env, text=True, capture_output=True)
     assert "up to date" in status.stdout, status.stdout
+
+
+def test_report_says_how_many_ranks_the_work_keeps_busy(tiny_policy, tiny_reward):
+    from rlhf.config.params import parse_params
+    from rlhf.reports.memory import rank_split
+
+    p = parse_params(tiny_params(tiny_policy, tiny_reward, rollout={"batch_size": 64, "micro_batch_size": 4,
+                                                                    "generation_chunk": 16},
+                                 ppo={"num_minibatches": 4}))
+    text = rank_split(p)
+    assert "4 generation chunks of 16 prompts" in text
+    assert "16 micro-batches of 4" in text
+    assert "4 micro-batches per update step" in text and "at most 4 ranks busy" in text
