@@ -250,3 +250,19 @@ def test_report_says_how_many_ranks_the_work_keeps_busy(tiny_policy, tiny_reward
     assert "4 generation chunks of 16 prompts" in text
     assert "16 micro-batches of 4" in text
     assert "4 micro-batches per update step" in text and "at most 4 ranks busy" in text
+
+
+def test_a_node_alone_at_the_rendezvous_fails_in_one_line_at_the_join_timeout(tmp_path):
+    """The other node never comes: the agent gives up after join_timeout with one line naming the endpoint (plain
+    torchrun prints a page of agent traceback without it)."""
+    port = free_port()
+    cmd = ["rlhf", "torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "alone", "--rdzv-conf", "join_timeout=3",
+           str(ROOT / "stages" / "rollout.py")]
+    start = time.monotonic()
+    result = run(cmd, tmp_path, check=False)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(f"error: rendezvous localhost:{port} (id alone, 2 nodes)"), lines
+    assert "join_timeout=3 s" in lines[0]
+    assert time.monotonic() - start < 120

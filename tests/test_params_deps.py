@@ -16,7 +16,8 @@ import yaml
 from conftest import ROOT, make_project, run, stage_main, tiny_params
 
 # Read by a stage, but cannot change what it writes: listing them would rerun stages for nothing.
-NO_EFFECT_ON_OUTPUTS = {"runtime.progress": "progress bars only"}
+NO_EFFECT_ON_OUTPUTS = {"runtime.progress": "progress bars only",
+                       "runtime.peer_timeout": "how long a rank waits for the others: a failure, never other outputs"}
 
 SWITCHES = {
     "sft": {"enabled": True, "examples": 8, "epochs": 1, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2,
