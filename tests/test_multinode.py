@@ -119,6 +119,7 @@ def tree_bytes(path: Path) -> dict:
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
+@pytest.mark.slow  # four to eight torch start-ups per stage: minutes on a 2-core machine
 def test_two_nodes_write_what_one_process_writes(workdir, cluster, tmp_path):
 
     for name in ("rollout", "reference", "update"):
@@ -203,6 +204,7 @@ class Watched:
         return self.proc.returncode, self.text()
 
 
+@pytest.mark.slow  # four to eight torch start-ups per stage: minutes on a 2-core machine
 def test_node_killed_mid_stage_fails_in_one_line_then_repro_completes(tmp_path, cluster, tiny_policy, tiny_reward):
     # Progress bars on: the first "generate" bar says the ranks have met and are generating (a few seconds of it:
     # 48 tokens for 8 prompts), the moment to take a node away.
