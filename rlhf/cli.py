@@ -268,6 +268,18 @@ def seeds_table(folders: list[Path] = typer.Argument(..., help="seeds folders, o
     _run(go)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def torchrun(ctx: typer.Context):
+    """torchrun with its failures in one line: a node that misses the rendezvous, an endpoint that cannot be reached,
+    a rank that dies or hangs. Takes torchrun's arguments (`torchrun --help` lists them); the multi-node launcher of
+    docs/cluster.md."""
+    from rlhf.runtime.launch import main as launch
+
+    code = launch(list(ctx.args))
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -12,3 +12,8 @@ class StateError(RuntimeError):
 
 class ArtifactError(RuntimeError):
     """A parquet artifact or data file is missing, unreadable or breaks its schema; the message names the file."""
+
+
+class PeerError(StateError):
+    """A data-parallel rank lost the others: a node or process died, the network failed, or a peer did not answer
+    within runtime.peer_timeout. One line for the user, naming where the process group met."""

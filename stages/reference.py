@@ -26,7 +26,7 @@ def main(params) -> None:
     rollout_path = Path(params.paths.iteration) / "rollout.parquet"
     rollout = read_artifact(rollout_path, "rollout")
     device = resolve_device(params.runtime.device, params.policy_model.dtype)
-    dist = init_distributed(device)
+    dist = init_distributed(device, params.runtime.peer_timeout)
     actors = load_actors(params, Path(params.paths.current), trainable=False, device=device)
     check_token_ids(rollout, rollout_path, actors.vocab_size)
     ref_logprobs, values = score_references(actors, rollout, params.rollout.temperature, dist)

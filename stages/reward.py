@@ -23,7 +23,7 @@ def main(params) -> None:
 
     rollout = read_artifact(Path(params.paths.iteration) / "rollout.parquet", "rollout")
     device = resolve_device(params.runtime.device, params.reward_model.dtype)
-    dist = init_distributed(device)
+    dist = init_distributed(device, params.runtime.peer_timeout)
     scorer = load_scorer(Path(params.paths.reward_model), params.reward_model, device)  # the only model held here
     scores = scorer.score(list(rollout["query"]), list(rollout["response_text"]), list(rollout["reference"]), dist)
     del scorer

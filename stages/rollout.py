@@ -31,7 +31,7 @@ def main(params) -> None:
     from rlhf.runtime.seeding import derive_seed
 
     device = resolve_device(params.runtime.device, params.policy_model.dtype)
-    dist = init_distributed(device)
+    dist = init_distributed(device, params.runtime.peer_timeout)
     state = read_state(params.paths.current)
     batch_path = Path(params.paths.iteration) / "batch.parquet"
     batch = read_artifact(batch_path, "prompts")

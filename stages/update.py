@@ -31,7 +31,7 @@ def main(params) -> None:
     )
 
     device = resolve_device(params.runtime.device, params.policy_model.dtype)
-    dist = init_distributed(device)
+    dist = init_distributed(device, params.runtime.peer_timeout)
     current = Path(params.paths.current)
     state = read_state(current)
     iteration = state["iteration"]

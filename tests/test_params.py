@@ -1,6 +1,7 @@
 """Every params error stops with one line naming the key; nothing is written."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,29 @@ BAD = [
     ("ppo.dual_clip", 1.0, "ppo.dual_clip"),  # c ≤ 1 would cap the loss below the clipped surrogate
     ("ppo.entropy_coef", -0.01, "ppo.entropy_coef"),
     ("ppo.entropy_coef", None, "ppo.entropy_coef"),
+    ("runtime.peer_timeout", 0, "runtime.peer_timeout"),
 ]
+
+
+@pytest.mark.parametrize("launcher, message", [
+    ("torchrun --standalone --nnodes 2 --nproc-per-node 8", "--standalone is one node"),
+    ("torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id j", "needs --rdzv-endpoint"),
+    ("torchrun --nnodes $SLURM_NNODES --rdzv_backend=c10d --rdzv_endpoint=node1:29500", "needs --rdzv-id"),
+    ("srun rlhf torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint node1 --rdzv-id j", "takes HOST:PORT"),
+    ("torchrun --nnodes 2 --nproc-per-node 8", "needs a meeting point"),
+])
+def test_a_multinode_launcher_must_say_where_the_nodes_meet(launcher, message):
+    with pytest.raises(ParamsError, match=rf"^runtime\.launcher: .*{re.escape(message)}"):
+        parse_params(with_change("runtime.launcher", launcher))
+
+
+@pytest.mark.parametrize("launcher", [
+    "python", "torchrun --standalone --nproc-per-node 8", "torchrun --nnodes 1 --nproc-per-node 2",
+    "torchrun --nnodes 1:2 --rdzv-backend c10d --rdzv-endpoint h:1 --rdzv-id j",
+    "torchrun --nnodes 2 --node-rank 0 --master-addr h --master-port 29500",
+])
+def test_one_node_and_complete_multinode_launchers_pass(launcher):
+    assert parse_params(with_change("runtime.launcher", launcher)).runtime.launcher == launcher
 
 
 def test_kl_as_a_loss_term_needs_an_estimator_with_the_kls_gradient():

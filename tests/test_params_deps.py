@@ -16,7 +16,8 @@ import yaml
 from conftest import ROOT, make_project, run, stage_main, tiny_params
 
 # Read by a stage, but cannot change what it writes: listing them would rerun stages for nothing.
-NO_EFFECT_ON_OUTPUTS = {"runtime.progress": "progress bars only"}
+NO_EFFECT_ON_OUTPUTS = {"runtime.progress": "progress bars only",
+                        "runtime.peer_timeout": "how long a rank waits for the others: a failure, never other outputs"}
 # Read by the stage runner (rlhf/runtime/stage.py) before `main`, for every stage: torch's thread count. It changes
 # the last digits of what a model computes (kernels split their sums by it), so it counts as read by each stage whose
 # main runs a model's forward pass, and by no other.

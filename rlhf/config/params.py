@@ -252,10 +252,75 @@ class Train(_Section):
 
 class Runtime(_Section):
     launcher: str = Field(min_length=1)  # runs the data-parallel stages' scripts in dvc.yaml (or torchrun)
+    peer_timeout: int = Field(ge=1)  # seconds a data-parallel rank waits for the others before the stage fails
+
+    @field_validator("launcher")
+    @classmethod
+    def _nodes_can_meet(cls, value: str) -> str:
+        check_multinode_launcher(value)
+        return value
     threads: int = Field(ge=0)  # 0: torch's default
     progress: Literal["auto", "on", "off"]
     warm_start: bool  # model stages fork from one process that has imported torch/transformers (rlhf/runtime/warm_start.py)
     device: Literal["auto", "cpu", "cuda", "meta"]  # auto: CUDA when torch sees it; meta: shapes only (tests)
+
+
+def torchrun_options(launcher: str) -> dict[str, str] | None:
+    """The options of the torchrun in a launcher line (`torchrun ...`, `rlhf torchrun ...`, after `srun ...`), as
+    {"--nnodes": "2", "--standalone": "", ...} with torchrun's underscore spellings read as dashes; None: no
+    torchrun. Only what comes before the first non-option word (the stage script) counts."""
+    import shlex
+
+    try:
+        words = shlex.split(launcher)
+    except ValueError:
+        return None
+    if "torchrun" not in words:
+        return None
+    options: dict[str, str] = {}
+    rest = words[words.index("torchrun") + 1:]
+    flags = {"--standalone", "--no-python", "--no_python", "-m", "--module", "--run-path", "--run_path"}
+    i = 0
+    while i < len(rest) and rest[i].startswith("-"):
+        word = rest[i]
+        name, eq, value = word.partition("=")
+        name = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+        if eq or name in flags or i + 1 >= len(rest):
+            options[name] = value
+            i += 1
+        else:
+            options[name] = rest[i + 1]
+            i += 2
+    return options
+
+
+def check_multinode_launcher(launcher: str) -> None:
+    """A torchrun over several nodes must say where they meet: without an endpoint each node would wait for the
+    others at its own address until the join timeout, and --standalone makes every node a world of its own."""
+    options = torchrun_options(launcher)
+    if options is None or "--nnodes" not in options:
+        return
+    nodes = options["--nnodes"].split(":")[-1]
+    if nodes.startswith("$"):
+        pass  # the shell fills it in ($SLURM_NNODES): a line written for several nodes
+    elif not nodes.isdigit():
+        raise ValueError(f"torchrun --nnodes takes N or MIN:MAX (got {options['--nnodes']!r})")
+    elif int(nodes) <= 1:
+        return
+    if "--standalone" in options:
+        raise ValueError("torchrun --standalone is one node; several nodes meet at a rendezvous: drop --standalone "
+                         "and give --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB")
+    if options.get("--rdzv-backend", "static") == "c10d":
+        missing = [o for o in ("--rdzv-endpoint", "--rdzv-id") if not options.get(o)]
+        if missing:
+            raise ValueError(f"torchrun --nnodes {options['--nnodes']} with the c10d rendezvous needs "
+                             f"{' and '.join(missing)} (the first node's HOST:PORT, and one id per job)")
+        host, colon, port = options["--rdzv-endpoint"].rpartition(":")
+        if not (host and colon and (port.isdigit() or port.startswith("$"))):
+            raise ValueError(f"torchrun --rdzv-endpoint takes HOST:PORT (got {options['--rdzv-endpoint']!r})")
+    elif not options.get("--master-addr"):
+        raise ValueError(f"torchrun --nnodes {options['--nnodes']} needs a meeting point: --rdzv-backend c10d "
+                         "--rdzv-endpoint HOST:PORT --rdzv-id JOB (or --master-addr with --node-rank)")
 
 
 class Params(_Section):

@@ -34,7 +34,9 @@ ALSO_CHECKED = (
     "exactly once; `kl.estimator: k1` only with `kl.in_reward: true`; `kl.target` only with `kl.coef > 0`; "
     "`eval.samples_per_prompt: 1` when `eval.greedy`; the embedded MiniLM scorer only as `reward_model.kind: "
     "similarity`; a linear/cosine schedule's `optim.total_iterations` covering the iterations run (checked by "
-    "`rlhf train` and the update stage); every key present, unknown keys rejected."
+    "`rlhf train` and the update stage); a `runtime.launcher` torchrun over several nodes with a meeting point "
+    "(no `--standalone`; with `--rdzv-backend c10d`, `--rdzv-endpoint HOST:PORT` and `--rdzv-id`); every key "
+    "present, unknown keys rejected."
 )
 
 

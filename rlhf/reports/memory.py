@@ -147,6 +147,25 @@ def render_stages(params: Params, configs: Path) -> str:
     return "\n".join(lines)
 
 
+def rank_split(params: Params) -> str:
+    """What more ranks (nodes × processes per node) change: not the memory per GPU, since data parallelism puts each
+    stage's models whole on every rank, but each rank's share of the units the work is split in (rlhf/runtime/
+    distributed.py), and how many ranks those units keep busy."""
+    r = params.rollout
+    chunks = -(-r.batch_size // r.generation_chunk)
+    micro = r.batch_size // r.micro_batch_size
+    per_step = micro // params.ppo.num_minibatches
+    return (f"With W ranks (nodes × processes per node; docs/cluster.md) the memory per GPU is the same: every rank "
+            f"holds its stage's models whole, the reward model on every rank of the reward stage. The ranks split the "
+            f"work: {_n(chunks, 'generation chunk')} of {r.generation_chunk} prompts, {_n(micro, 'micro-batch')} of "
+            f"{r.micro_batch_size} for the log-prob and value passes, {_n(per_step, 'micro-batch')} per update step, "
+            f"so an update step keeps at most {_n(per_step, 'rank')} busy and generation at most {chunks}.")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("h") else "s")
+
+
 def render(params: Params, configs: Path) -> str:
     c = count_policy(configs, params.lora.r, params.lora.alpha, params.lora.target_modules)
     lines = [f"Qwen3-0.6B with LoRA r={params.lora.r} on {','.join(params.lora.target_modules)}: "
@@ -156,5 +175,5 @@ def render(params: Params, configs: Path) -> str:
     lines += [f"| {name} | {gib:.2f} | {note} |" for name, gib, note in rows]
     lines.append(f"| **total (one process)** | **{sum(r[1] for r in rows):.2f}** | |")
     lines += ["", f"Per-stage peak (each stage holds only its own models; ×{RESERVE} for the allocator and CUDA "
-                  "context when checking the fit):", "", render_stages(params, configs)]
+                  "context when checking the fit):", "", render_stages(params, configs), "", rank_split(params)]
     return "\n".join(lines)

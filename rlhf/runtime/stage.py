@@ -14,7 +14,6 @@ runs in: a queued `dvc exp run` runs in a copy under .dvc/tmp/exps), and `run_st
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -77,9 +76,7 @@ def _run(main: Callable[..., object], argv: list[str], params_file: Path, args: 
     start = time.perf_counter()
     main(params, *args)
     # One wall-time line per stage (after its own line): what `dvc repro` spent where, for the user to read.
-    # Under torchrun only rank 0 says it, like the stages' own lines.
-    if os.environ.get("RANK", "0") == "0":
-        log(f"{' '.join([Path(argv[0]).stem, *args])}: stage took {time.perf_counter() - start:.1f} s")
+    log(f"{' '.join([Path(argv[0]).stem, *args])}: stage took {time.perf_counter() - start:.1f} s")
     return 0
 
 
