@@ -397,4 +397,5 @@ def test_the_stage_tests_pass_on_the_images_transformers(tmp_path, image_wheels)
     assert version == ["5.17.0", "1.33.0"], version
     done = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow and not realsize",
                            *[f"tests/{t}.py" for t in IMAGE_TESTS]], cwd=ROOT, env=env, capture_output=True, text=True)
+    print(f"transformers 5.17.0: {done.stdout.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
