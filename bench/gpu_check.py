@@ -90,7 +90,8 @@ GB = 1e9
 # Free disk each run needs: the built models and their copies under models/base (bf16: 1.2 + 16.4 GB, twice), the
 # states and artifacts on top.
 DISK_GB = {"full": 36.0, "tiny": 2.0}
-# Device memory in use before the check starts above which the preflight stops (another process holds the GPU).
+# Device memory in use before the check starts, the preflight's own CUDA context included (about 0.5 GiB), above
+# which the preflight stops: another process holds the GPU.
 GPU_BUSY_GIB = 3.0
 # Runs a stage script in this process and records its wall time and device memory when it exits (run_stage ends
 # with sys.exit, so the record is written in `finally`). One file per torchrun rank. For a model stage the model code
@@ -599,7 +600,7 @@ def preflight_child(device: str, parts: str, plan_args: dict) -> dict:
         out.update(gpus=torch.cuda.device_count(), gpu=torch.cuda.get_device_name(),
                    capability=".".join(map(str, torch.cuda.get_device_capability())),
                    gpu_free_gib=free / GIB, gpu_total_gib=total / GIB,
-                   gpu_context_gib=(total - free - torch.cuda.memory_reserved()) / GIB)
+                   gpu_used_gib=(total - free) / GIB)  # this process's CUDA context and whatever else holds it
     else:
         versions["cudnn"] = versions["driver"] = None
     if "c" in parts and not errors:
@@ -650,10 +651,9 @@ def preflight(run: Run, parts: str, work: Path) -> None:
     if args.device == "cuda":
         if not found["gpus"]:
             raise Stop("preflight: --device cuda, but torch sees no CUDA device")
-        used = found["gpu_total_gib"] - found["gpu_free_gib"] - found["gpu_context_gib"]
-        if used > GPU_BUSY_GIB:
-            raise Stop(f"preflight: {used:.1f} GiB of the GPU's {found['gpu_total_gib']:.1f} GiB are held by other "
-                       "processes before the check starts")
+        if found["gpu_used_gib"] > GPU_BUSY_GIB:
+            raise Stop(f"preflight: {found['gpu_used_gib']:.1f} GiB of the GPU's {found['gpu_total_gib']:.1f} GiB are "
+                       "in use before the check starts (another process holds it)")
     v = run.result["versions"]
     run.say(f"preflight ok in {row['s']:.1f} s: torch {v['torch']} (CUDA {v['cuda']}, cuDNN {v['cudnn']}, driver "
             f"{v['driver']}), transformers {v['transformers']}, peft {v['peft']}, accelerate {v['accelerate']}; "

@@ -190,6 +190,49 @@ def test_each_stage_is_in_gpu_json_the_moment_it_ends(tmp_path, monkeypatch):
     assert list(saved["stages"]) == ["sample", "rollout"] and saved["stages"]["rollout"]["compute_s"] == 0.7
 
 
+def found_on_a_gpu(**changes):
+    """What the preflight's child reports on an H100 that nothing else uses (its own CUDA context: 0.5 GiB)."""
+    found = {"versions": {"torch": "2.11.0", "cuda": "13.0", "cudnn": 91300, "driver": "580.95", "transformers": "5.17.0",
+                          "peft": "0.18.1", "accelerate": "1.15.0"},
+             "import_errors": {}, "gpus": 1, "gpu": "NVIDIA H100 80GB HBM3", "gpu_free_gib": 79.1,
+             "gpu_total_gib": 79.6, "gpu_used_gib": 0.5, "trl_fit": {"fits": True}}
+    return {**found, **changes}
+
+
+@pytest.mark.parametrize("found,free_gb,says", [
+    (found_on_a_gpu(), 60.0, None),
+    (found_on_a_gpu(gpu_free_gib=49.6, gpu_used_gib=30.0), 60.0,
+     "preflight: 30.0 GiB of the GPU's 79.6 GiB are in use before the check starts (another process holds it)"),
+    (found_on_a_gpu(), 20.0, "preflight: 20.0 GB free under "),
+    (found_on_a_gpu(import_errors={"trl": "ImportError: cannot import name 'X'"}), 60.0,
+     "preflight: not importable: trl (ImportError: cannot import name 'X'); "),
+    (found_on_a_gpu(gpus=0), 60.0, "preflight: --device cuda, but torch sees no CUDA device"),
+])
+def test_the_preflight_stops_an_unfit_machine_in_one_line(tmp_path, monkeypatch, found, free_gb, says):
+    """The GPU's side of the preflight, with its child's report given: a GPU held by another process, too little
+    disk for the models, a module that fails to import, no GPU at all: each one line, before anything heavy;
+    otherwise the versions are in gpu.json before the first part starts."""
+    check = gpu_check()
+    monkeypatch.setattr(check, "missing_modules", lambda parts: [])
+    monkeypatch.setattr(check.shutil, "disk_usage", lambda path: argparse.Namespace(free=free_gb * 1e9))
+    monkeypatch.setattr(check.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout=json.dumps(found) + "\n", stderr=""))
+    run = check.Run(tmp_path / "out", argparse.Namespace(device="cuda", tiny=False, trl_micro=None, trl_limit_gib=70))
+    if says is None:
+        check.preflight(run, "abwc", tmp_path)
+        saved = json.loads((tmp_path / "out" / "gpu.json").read_text())
+        assert saved["versions"]["cudnn"] == 91300 and saved["gpu"] == "NVIDIA H100 80GB HBM3"
+        assert "preflight ok" in run_log(tmp_path) and "driver 580.95" in run_log(tmp_path)
+    else:
+        with pytest.raises(check.Stop) as err:
+            check.preflight(run, "abwc", tmp_path)
+        assert str(err.value).startswith(says) and "\n" not in str(err.value)
+
+
+def run_log(tmp_path):
+    return (tmp_path / "out" / "gpu-run.log").read_text()
+
+
 def test_trl_is_sized_by_the_memory_model():
     """At part b's shape (256 prompts, micro-batch 8, chunk 64, 53 new tokens) TRL's process fits 70 GiB without
     checkpointing; a whole 32-row minibatch in one graph (TRL's earlier shape here) needs checkpointing; an
