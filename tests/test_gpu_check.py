@@ -400,7 +400,7 @@ def test_cpu_rehearsal_of_the_gpu_command(bare_python, tmp_path):
 @pytest.mark.slow
 def test_a_killed_rehearsal_leaves_the_parts_that_completed(bare_python, tmp_path):
     """Part b passes its deadline (killed, recorded, with the stages it finished), then the whole command is killed
-    as a device run at its time limit is: part a's numbers are in gpu.json, the warm start (part w) never ran."""
+    as a device run at its time limit is: part a's numbers are in gpu.json, the warm start (part w) never ended."""
     proc, out, _ = rehearsal(bare_python, tmp_path, "--parts", "abwc", "--deadline", "a=900", "--deadline", "b=25",
                              "--total", "3000")
     try:
@@ -416,7 +416,7 @@ def test_a_killed_rehearsal_leaves_the_parts_that_completed(bare_python, tmp_pat
     a, b = result["parts"]["a"], result["parts"]["b"]
     assert a["status"] == "ok" and len(a["stages"]) == 6 and a["samples_per_s"] > 0
     assert b["status"] == "timeout" and "killed at the part's deadline" in b["error"]
-    assert "sample" in b["stages"] and "w" not in result["parts"]
+    assert "sample" in b["stages"] and result["parts"].get("w", {}).get("status", "running") == "running"
     log = (out / "gpu-run.log").read_text()
     assert "part a ok" in log and "part b timeout" in log and (out / "stages.log").stat().st_size > 0
 
