@@ -5,9 +5,19 @@
 # dvc is not carried: bench/gpu_run.sh runs the stage scripts in dvc.yaml's order without it.
 #   bash bench/gpu_wheels.sh          # here, with the package index reachable; prints the carried tree's size
 #   bash bench/gpu_wheels.sh 3.12     # only the GPU machine's wheels
+#   bash bench/gpu_wheels.sh image    # bench/.image-wheels: the GPU image's transformers and huggingface-hub (and
+#                                     # httpx, which that hub needs) for the rehearsal's venv; never carried
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+if [ "${1:-}" = image ]; then
+  read -r -a IMAGE <<< "$("$PY" -c 'import ast; t = ast.parse(open("gpu_check.py").read())
+print(" ".join(next(ast.literal_eval(n.value) for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "IMAGE_WHEELS")))')"
+  mkdir -p .image-wheels
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest .image-wheels "${IMAGE[@]}"
+  echo ".image-wheels: $(ls .image-wheels | wc -l) wheels, $(du -sh .image-wheels | cut -f1)"
+  exit 0
+fi
 read -r -a PACKAGES <<< "$("$PY" -c 'import ast, sys; t = ast.parse(open("gpu_check.py").read())
 v = {n.targets[0].id: ast.literal_eval(n.value) for n in t.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") in ("WHEELS", "SDIST_WHEELS")}
 print(" ".join(v["WHEELS"]), "|", " ".join(v["SDIST_WHEELS"]))')"

@@ -7,6 +7,7 @@ memory allocated and reserved, generated tokens."""
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -51,8 +52,15 @@ def main(cfg_path: str, out_path: str | None = None) -> None:
         return out
 
     ppo_module.batch_generation = timed_generation
+    # TRL runs each micro-batch of a minibatch through policy and critic in one graph; gpu_check sizes the
+    # micro-batch (and gradient checkpointing) by the memory model, compare_trl takes the whole batch at once.
+    micro = cfg.get("micro_batch", len(prompts))
+    accumulation = cfg.get("gradient_accumulation", 1)
+    if cfg.get("checkpointing"):  # PPOTrainer turns on none itself; non-reentrant, as TRL's other trainers
+        for model in (policy, value):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     args = PPOConfig(
-        output_dir=cfg["out"], per_device_train_batch_size=len(prompts), gradient_accumulation_steps=1,
+        output_dir=cfg["out"], per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
         num_mini_batches=cfg["num_minibatches"], total_episodes=len(prompts), num_ppo_epochs=cfg["epochs"],
         response_length=cfg["max_new_tokens"], temperature=cfg["temperature"], stop_token="eos",
         local_rollout_forward_batch_size=cfg["forward_batch"], kl_coef=cfg["kl_coef"], learning_rate=cfg["lr"],
@@ -69,6 +77,7 @@ def main(cfg_path: str, out_path: str | None = None) -> None:
         torch.cuda.synchronize()
     t_end = time.perf_counter()
     on_gpu = device == "cuda"
+    micro_steps = cfg["num_minibatches"] * math.ceil(len(prompts) // cfg["num_minibatches"] / micro)  # per epoch
     row = json.dumps({
         "system": "trl-1.12 PPOTrainer",
         "load_s": t_loaded - t_start + (t_train - t_loaded),
@@ -81,6 +90,8 @@ def main(cfg_path: str, out_path: str | None = None) -> None:
         "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if on_gpu else 0.0,
         "gpu": torch.cuda.get_device_name() if on_gpu else None,
         "trl_version": trl.__version__,
+        # accelerate steps the optimizer every `accumulation` micro-batches, counted across minibatches and epochs
+        "optimizer_steps": cfg["epochs"] * micro_steps // accumulation,
     })
     print(row)
     if out_path:

@@ -15,6 +15,7 @@ from rlhf.config.params import ParamsError, parse_params
 from rlhf.models.checkpoint import OPTIMIZER_DIR, init_state, load_actors, load_optimizer, save_state
 from rlhf.models.passes import critic_values, pack, policy_logprobs, reference_logprobs
 from rlhf.models.sources import make_model_available
+from rlhf.runtime import device as device_module
 from rlhf.runtime.device import Device, resolve_device
 from rlhf.training import ppo_update
 from rlhf.training.ppo_update import build_groups, make_optimizer, minibatch_losses, trainable_parameters
@@ -54,6 +55,26 @@ def test_cuda_decisions_without_a_gpu():
     """What a CUDA device decides, checked on the object (no GPU needed)."""
     cuda = Device(torch.device("cuda", 1), torch.bfloat16)
     assert cuda.attention("auto") == "sdpa" and cuda.backend == "nccl" and cuda.fused_optimizer and cuda.is_cuda
+
+
+def test_every_cuda_pass_holds_one_sdpa_kernel():
+    """The rollout's no-grad pass and the update's grad pass both run inside Device.compute(): on CUDA it allows
+    one SDPA kernel only (torch's own choice could differ between them), in fp32 as in bf16; the CPU is left alone.
+    The flags are torch's global SDPA switches, so no GPU is needed to read them."""
+    from torch.backends import cuda as sdp
+
+    def enabled():
+        return {"flash": sdp.flash_sdp_enabled(), "efficient": sdp.mem_efficient_sdp_enabled(),
+                "math": sdp.math_sdp_enabled(), "cudnn": sdp.cudnn_sdp_enabled()}
+
+    before = enabled()
+    for dtype in (None, torch.bfloat16):
+        with Device(torch.device("cuda", 0), dtype).compute():
+            assert enabled() == {k: k == device_module.SDPA_BACKEND for k in before}
+        assert enabled() == before
+    with resolve_device("cpu", "float32").compute():
+        assert enabled() == before
+    assert device_module.SDPA_BACKEND in device_module.USED["sdpa_backend"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

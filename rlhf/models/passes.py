@@ -73,12 +73,10 @@ def positions_not_packed():
     """transformers looks for several sequences packed into one row whenever a forward has no mask and no cache,
     reading a flag back from the device (on a GPU a sync per forward, so per micro-batch). Our passes number every
     row 0..L-1, where that search always finds one sequence and returns None: it is answered directly."""
-    from transformers import masking_utils
+    from rlhf.models.internals import packed_sequence_search
 
-    search = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if search is None:
-        yield
-        return
+    masking_utils = packed_sequence_search()
+    search = masking_utils.find_packed_sequence_indices
     masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield

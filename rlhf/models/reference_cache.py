@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from rlhf.models.actors import Actors
+from rlhf.models.internals import attn_implementation
 from rlhf.models.passes import reference_lm
 from rlhf.models.sampling import adopted_cache, cache_kwarg
 from rlhf.ppo import kl_from_logprobs
@@ -74,7 +75,7 @@ def cache_key(actors: Actors, prompts: Sequence[Sequence[int]], rows_per_pass: i
                 continue
             h.update(name.encode())
             h.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
-        attention = getattr(lm.config, "_attn_implementation", None)
+        attention = attn_implementation(lm.config)
     h.update(json.dumps([list(map(int, p)) for p in prompts]).encode())
     h.update(json.dumps([rows_per_pass, actors.device.where.type, str(actors.device.autocast_dtype), attention,
                          torch.__version__, transformers.__version__]).encode())

@@ -50,11 +50,10 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
 
 
 def cache_kwarg(model) -> str:
-    """The name model.forward takes its KV cache under: `cache` from transformers 5.24 (`past_key_values` is
-    deprecated there, to be removed in 5.40), `past_key_values` before."""
-    import inspect
+    """The name model.forward takes its KV cache under (internals.cache_argument)."""
+    from rlhf.models.internals import cache_argument
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return cache_argument(model)
 
 
 class CachedLM:
@@ -118,8 +117,9 @@ END_CHECK_EVERY = 8
 
 def takes_boolean_mask(config) -> bool:
     from rlhf.models.attention import NAME as CHUNKED
+    from rlhf.models.internals import attn_implementation
 
-    return getattr(config, "_attn_implementation", None) in ("sdpa", CHUNKED)
+    return attn_implementation(config) in ("sdpa", CHUNKED)
 
 
 def full_attention_only(config) -> bool:
@@ -292,9 +292,9 @@ def adopted_cache(buffers: list, length: int):
 @functools.cache
 def preallocated_layer_class():
     """Built on first use (transformers is imported lazily), then the same class for every cache."""
-    from transformers.cache_utils import DynamicLayer
+    from rlhf.models.internals import dynamic_layer
 
-    class PreallocatedLayer(DynamicLayer):
+    class PreallocatedLayer(dynamic_layer()):
         def __init__(self, capacity: int):
             super().__init__()
             self.capacity = capacity

@@ -26,6 +26,16 @@ from rlhf.config.params import ParamsError
 
 CPU, CUDA, META = "cpu", "cuda", "meta"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The one SDPA kernel every forward pass on CUDA runs with (Device.compute). The rollout's no-grad log-prob pass and
+# the update's grad pass must compute attention alike for the first minibatch's ratio to be exactly 1; left to choose,
+# torch may take cuDNN attention, whose plan can differ between the two. Memory-efficient attention takes every input
+# the passes give it: no mask (causal scoring passes), a boolean decode mask, bf16 or fp32, with or without grad.
+SDPA_BACKEND = "efficient"
+SDPA_BACKENDS = {"efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH",
+                 "cudnn": "CUDNN_ATTENTION"}
+# What this process resolved: the attention implementations its models loaded with, the SDPA kernel its passes were
+# held to. bench/gpu_check.py reads it when a stage's process ends.
+USED: dict[str, set[str]] = {"attention": set(), "sdpa_backend": set()}
 
 
 @dataclass(frozen=True)
@@ -46,10 +56,21 @@ class Device:
         return self.type == CUDA
 
     def compute(self) -> contextlib.AbstractContextManager:
-        """The numeric context of every forward pass. Meta has no autocast; its tensors carry no values anyway."""
-        if self.autocast_dtype is None or self.type == META:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.type, dtype=self.autocast_dtype)
+        """The numeric context of every forward pass: autocast for a bf16 base, and on CUDA the one SDPA kernel
+        (SDPA_BACKEND). Meta has no autocast; its tensors carry no values anyway."""
+        return self._compute()
+
+    @contextlib.contextmanager
+    def _compute(self):
+        with contextlib.ExitStack() as stack:
+            if self.is_cuda:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[SDPA_BACKEND])))
+                USED["sdpa_backend"].add(SDPA_BACKEND)
+            if self.autocast_dtype is not None and self.type != META:
+                stack.enter_context(torch.autocast(device_type=self.type, dtype=self.autocast_dtype))
+            yield
 
     def generator(self, seed: int) -> torch.Generator | None:
         """A seeded generator on the device (None on meta, which has no generators: draws there are shapes only)."""
@@ -59,9 +80,9 @@ class Device:
 
     def attention(self, setting: str) -> str:
         """`auto`: our chunked causal kernel on the CPU (and on meta, to check its placement), fused SDPA on CUDA."""
-        if setting != "auto":
-            return setting
-        return "sdpa" if self.is_cuda else "chunked"
+        chosen = setting if setting != "auto" else "sdpa" if self.is_cuda else "chunked"
+        USED["attention"].add(chosen)
+        return chosen
 
     @property
     def weight_major_decode(self) -> bool:
