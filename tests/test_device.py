@@ -326,7 +326,7 @@ def fake_cpu(monkeypatch, tmp_path, flags, rates, kernels=True):
     (NATIVE, (100.0, 400.0), False, "float32"),  # no oneDNN bf16 kernels at all (AVX2-only)
 ])
 def test_auto_dtype_on_a_cpu_is_bf16_only_where_it_is_faster(monkeypatch, tmp_path, flags, rates, kernels, expected):
-    """On an AVX-512 CPU without AVX512-BF16/AMX, oneDNN reports bf16 support and emulates it 3-6x slower than fp32:
+    """On an AVX-512 CPU without AVX512-BF16/AMX, oneDNN reports bf16 support and emulates it slower than fp32:
     `auto` once took bf16 there. The machine line says which dtype `auto` chose and why."""
     from rlhf.runtime.device import machine_line, resolve_dtype
 

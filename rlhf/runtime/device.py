@@ -140,8 +140,9 @@ def explain_dtype(setting: str, where: torch.device) -> tuple[str, str]:
 
 
 # CPU flags (/proc/cpuinfo) of the instructions that make oneDNN's bf16 matmul native. Without them oneDNN still
-# reports bf16 support on any AVX-512 CPU, but emulates it: 3–6× slower than fp32 (284 vs 49.7 GFLOP/s measured on
-# one such machine), while with them bf16 runs 2–5× faster than fp32.
+# reports bf16 support on any AVX-512 CPU, but emulates it, slower than fp32 (measured: 49.7 vs 284 GFLOP/s on one
+# such machine; 93 vs 122 on an AVX512-BF16 CPU with oneDNN capped at AVX512_CORE), while with them bf16 runs 2–5×
+# faster than fp32.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CACHE_ENV = "RLHF_DTYPE_CACHE"  # the file cpu_dtype() keeps its decisions in (default: the user's cache folder)
 
