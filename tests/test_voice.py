@@ -83,7 +83,7 @@ PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if 
 COMMIT_HASH = re.compile(r"(?<![\w./-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}(?![\w./-])")
 # Phrasing that dates a statement to when it was written, or reports a decision instead of the state it led to.
 NOTEBOOK = re.compile(r"\b(now|yet|untested|not tried|no longer|used to|then the default|earlier default|"
-                      r"previous default|old default|before vs after|at the time|so far|anymore)\b|:\s*dropped\b",
+                      r"previous default|old default|before vs after|at the time|anymore)\b|:\s*dropped\b",
                       re.IGNORECASE)
 
 
