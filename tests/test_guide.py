@@ -226,9 +226,13 @@ def test_disk_and_cleanup(tmp_path, trained_repo):
     assert plain.returncode != 0  # "dvc gc needs a scope (DVC 3 refuses it without one)"
     out = run_section("Disk and cleanup", repo)
     assert ".dvc/cache" in out
+    # every tagged iteration survives the gc (iter-0 is the state alone: its dvc.lock has no iteration outputs yet)
     run(["git", "checkout", "-q", "iter-0"], repo)
-    run(["dvc", "checkout"], repo)  # every tagged iteration survives the gc
+    run(["dvc", "checkout", "models/current.dvc"], repo)
     assert json.loads((repo / "models/current/state.json").read_text())["iteration"] == 0
+    run(["git", "checkout", "-q", "iter-1"], repo)
+    run(["dvc", "checkout"], repo)
+    assert json.loads((repo / "models/next/state.json").read_text())["iteration"] == 1
 
 
 @pytest.mark.slow
