@@ -138,11 +138,14 @@ def check_claims(line: str, result: subprocess.CompletedProcess, repo: Path, par
         # only what differs (`--all` for every metric): β itself differs between the two
         assert "Change" in result.stdout and "objective/kl_coef" in result.stdout, result.stdout
     if command.startswith("dvc exp show"):
-        name = re.search(r"experiment (\S+?);", comment).group(1)
-        assert name in result.stdout and "kl.coef" in result.stdout, result.stdout
-        assert not re.search(r"\biter-\d", result.stdout), "exp show lists tags without -T"
+        head, name = re.search(r"HEAD \((\S+)\) and its experiment (\S+?);", comment).groups()
+        assert all(s in result.stdout for s in (head, name, "kl.coef")), result.stdout
+        # "-T adds every tag": a tag on another commit shows with -T only
+        run(["git", "tag", "some-other-run", "HEAD~1"], repo)
         with_tags = run(command.replace("dvc exp show", "dvc exp show -T").split(), repo).stdout
-        assert re.search(r"\biter-\d", with_tags), with_tags  # "-T adds every tag"
+        without = run(command.split("#")[0].split(), repo).stdout
+        run(["git", "tag", "-d", "some-other-run"], repo)
+        assert "some-other-run" in with_tags and "some-other-run" not in without, (with_tags, without)
     if command.startswith("dvc plots diff"):
         page = (repo / command.split("-o ")[1].split()[0] / "index.html").read_text()
         assert "kl-0.1" in page and "train/plots/metrics" in page, "the update's per-step curves of both"
