@@ -127,8 +127,11 @@ def check_claims(line: str, result: subprocess.CompletedProcess, repo: Path, par
             assert claimed <= ran, (comment, sorted(ran))
         elif claimed:
             assert ran == claimed, (comment, sorted(ran))
-    for tag in re.findall(r"tagged (\S+?\d+)\b", comment):
-        assert tag in run(["git", "tag"], repo).stdout.split(), f"no tag {tag} after `{command}`"
+    tags = run(["git", "tag"], repo).stdout.split()
+    for tag in re.findall(r"tagged ([\w.]+-\d+)\b", comment):  # iter-3
+        assert tag in tags, f"no tag {tag} after `{command}`"
+    for prefix in re.findall(r"tagged ([\w.]+-)N\b", comment):  # qwen3-N: one per iteration trained
+        assert f"{prefix}{state_iteration(repo, 'models/current')}" in tags, (command, tags)
     if command.startswith("rlhf advance"):
         assert state_iteration(repo, "models/current") == state_iteration(repo, "models/next")
     if command.startswith("dvc params diff") and "→" in comment:
