@@ -74,3 +74,30 @@ def test_params_comments_speak_of_the_project():
     found = [f"params.yaml:{i}: {line.strip()}" for i, line in enumerate(lines, 1)
              if "#" in line and development_words(line.split("#", 1)[1])]
     assert not found, "\n".join(found)
+
+
+# The pages a user reads describe the project as it is; its history is docs/changelog.md's, and the published runs
+# under docs/runs/ are verbatim records (their own commands and outputs), so neither is checked here.
+PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "changelog.md")]
+# A hex word of 7-40 characters with a digit and a letter: an abbreviated or full commit hash.
+COMMIT_HASH = re.compile(r"(?<![\w./-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}(?![\w./-])")
+# Phrasing that dates a statement to when it was written, or reports a decision instead of the state it led to.
+NOTEBOOK = re.compile(r"\b(now|yet|untested|not tried|no longer|used to|then the default|earlier default|"
+                      r"previous default|old default|before vs after|at the time|anymore)\b|:\s*dropped\b",
+                      re.IGNORECASE)
+
+
+def page_findings(pattern: re.Pattern) -> list[str]:
+    return [f"{page.relative_to(ROOT)}:{n}: {m.group(0)!r} in {line.strip()[:100]!r}"
+            for page in PAGES for n, line in enumerate(page.read_text().splitlines(), 1)
+            for m in pattern.finditer(line)]
+
+
+def test_pages_name_no_commit_hashes():
+    found = page_findings(COMMIT_HASH)
+    assert not found, "commit hashes belong in the changelog or a run's record, not a page:\n" + "\n".join(found)
+
+
+def test_pages_read_as_the_present_not_a_lab_notebook():
+    found = page_findings(NOTEBOOK)
+    assert not found, "lab-notebook phrasing (history belongs in docs/changelog.md):\n" + "\n".join(found)
