@@ -200,6 +200,8 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
     for name in ("moments-carried", "moments-reset"):
         shutil.copytree(PUBLISHED / name, tmp_path / docs.relative_to(ROOT) / name,
                         ignore=shutil.ignore_patterns("seeds.*"))
+    study = Path("docs/runs/moments-2026-12-07")  # the pre-registered study's runs so far
+    shutil.copytree(ROOT / study, tmp_path / study, ignore=shutil.ignore_patterns("seeds.*"))
     for name in ("README.md", "docs/results.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tmp_path / name)
@@ -209,7 +211,9 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
                     ["rlhf", "seeds", "compare", carried, reset, "--out", str(folder / "compare.md")],
                     ["rlhf", "seeds", "table", carried, reset, "-n", "4", "--into", "README.md"],
                     ["rlhf", "seeds", "table", carried, reset, "-n", "4", "--detail", "--into", "docs/results.md",
-                     "--block", "seeds-table"]):
+                     "--block", "seeds-table"],
+                    ["rlhf", "seeds", "compare", str(study / "carried"), str(study / "reset"), "--into",
+                     "docs/results.md", "--block", "study-compare"]):
         run(command, tmp_path)
     return {str(folder / name / table): (tmp_path / folder / name / table).read_text()
             for name in ("moments-carried", "moments-reset") for table in ("seeds.md", "seeds.csv")} | {
@@ -227,6 +231,7 @@ def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
     readme, results = (ROOT / "README.md").read_text(), (ROOT / "docs/results.md").read_text()
     assert sd.block(readme, "results-table").count("| moments-") == 8  # the block is there and holds the table
     assert sd.block(results, "seeds-table").count("| moments-") == 8
+    assert "| 4 | ROUGE-L | 1 |" in sd.block(results, "study-compare")
 
 
 def test_compare_pairs_by_seed_and_prompt(tmp_path):
