@@ -1,0 +1,65 @@
+"""The numeric setting of a model stage (rlhf/runtime/numerics.py): the same whether the stage is served by the warm
+process or runs directly, so that the rollout's log-prob pass and the update's first forward agree bit for bit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import BIN, ROOT, full_params
+
+PROBE = '''"""A stage that only reports what it would compute with."""
+from rlhf.runtime.stage import run_stage
+
+
+def main(params, out):
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    Path(out).write_text(json.dumps({"threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)),
+                                     "warm": bool(os.environ.get("RLHF_WARM_WORKER"))}))
+
+
+if __name__ == "__main__":
+    run_stage(main)
+'''
+
+
+def run_probe(folder, params_file: str, out: str, cpus=None) -> dict:
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)
+    subprocess.run([sys.executable, str(folder / "probe_stage.py"), "--params", params_file, str(folder / out)],
+                   cwd=folder, env=env, check=True, capture_output=True,
+                   preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    return json.loads((folder / out).read_text())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to narrow a command to one")
+def test_a_stage_served_warm_computes_with_its_commands_cpus_like_a_direct_run(tmp_path):
+    (tmp_path / "probe_stage.py").write_text(PROBE)
+    for name, warm in (("warm.yaml", True), ("direct.yaml", False)):
+        (tmp_path / name).write_text(yaml.safe_dump(full_params(runtime={"warm_start": warm, "threads": 0})))
+    every = run_probe(tmp_path, "warm.yaml", "every.json")  # starts the warm process with every CPU
+    one = {min(os.sched_getaffinity(0))}
+    warm = run_probe(tmp_path, "warm.yaml", "warm.json", one)  # `taskset -c 0 python stages/…`, served warm
+    direct = run_probe(tmp_path, "direct.yaml", "direct.json", one)
+    assert every["warm"] and warm["warm"] and not direct["warm"]
+    assert every["threads"] == len(os.sched_getaffinity(0))
+    assert warm == {**direct, "warm": True} and direct["threads"] == 1 and direct["cpus"] == sorted(one)
+
+
+def test_threads_zero_resolves_to_one_count_per_cpu_or_omp_num_threads(monkeypatch):
+    from rlhf.runtime.numerics import resolve_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert resolve_threads(3) == 3
+    assert resolve_threads(0) == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert resolve_threads(0) == 5 and resolve_threads(2) == 2
