@@ -8,6 +8,7 @@ thread count. Each stage records those, so a ratio that is not exactly 1 can be 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 PREFIX = "numerics/"
 ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
@@ -15,15 +16,26 @@ ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS
 
 def resolve_threads(setting: int) -> int:
     """`runtime.threads` as the count every model stage sets: the setting itself, or for 0 OMP_NUM_THREADS when set,
-    else one thread per CPU this process may run on. torch's own default is fixed when torch is imported, which for a
-    stage served warm happened in the warm process, under that process's CPUs and not the command's; resolved here,
-    after a warm worker has taken its command's CPUs, a stage gets the same count served warm or run directly."""
+    else one thread per physical core this process may run on (torch's own default counts cores too). That default is
+    fixed when torch is imported, which for a stage served warm happened in the warm process, under that process's
+    CPUs and not the command's; resolved here, after a warm worker has taken its command's CPUs, a stage gets the same
+    count served warm or run directly."""
     if setting > 0:
         return setting
     first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if first.isdigit() and int(first) > 0:
         return int(first)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:  # hyperthreads of one core share (package, core id)
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(tuple((topology / name).read_text().strip() for name in ("physical_package_id", "core_id")))
+        except OSError:
+            return len(cpus)
+    return len(cores)
 
 
 def set_threads(setting: int) -> int:
