@@ -3,6 +3,7 @@ process or runs directly, so that the rollout's log-prob pass and the update's f
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,11 +34,13 @@ if __name__ == "__main__":
 
 
 def run_probe(folder, params_file: str, out: str, cpus=None) -> dict:
-    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    """The probe stage of the workspace `folder` (its own copy of rlhf/, as a stage requires), on `cpus`."""
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(folder)}
     env.pop("OMP_NUM_THREADS", None)
-    subprocess.run([sys.executable, str(folder / "probe_stage.py"), "--params", params_file, str(folder / out)],
-                   cwd=folder, env=env, check=True, capture_output=True,
-                   preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    done = subprocess.run([sys.executable, str(folder / "stages" / "probe_stage.py"), "--params", params_file,
+                           str(folder / out)], cwd=folder, env=env, capture_output=True, text=True,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((folder / out).read_text())
 
 
@@ -45,7 +48,9 @@ def run_probe(folder, params_file: str, out: str, cpus=None) -> dict:
                     reason="needs two CPUs to narrow a command to one")
 def test_a_stage_served_warm_computes_with_its_commands_cpus_like_a_direct_run(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    (tmp_path / "probe_stage.py").write_text(PROBE)
+    shutil.copytree(ROOT / "rlhf", tmp_path / "rlhf", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "probe_stage.py").write_text(PROBE)
     for name, warm in (("warm.yaml", True), ("direct.yaml", False)):
         (tmp_path / name).write_text(yaml.safe_dump(full_params(runtime={"warm_start": warm, "threads": 0})))
     every = run_probe(tmp_path, "warm.yaml", "every.json")  # starts the warm process with every CPU
