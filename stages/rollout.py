@@ -28,6 +28,7 @@ def main(params) -> None:
     from rlhf.runtime.device import resolve_device
     from rlhf.runtime.distributed import init_distributed
     from rlhf.runtime.log import log
+    from rlhf.runtime.numerics import setting
     from rlhf.runtime.seeding import derive_seed
 
     device = resolve_device(params.runtime.device, params.policy_model.dtype)
@@ -72,6 +73,7 @@ def main(params) -> None:
         "response_length_mean": float(df["response_length"].mean()),
         "eos_rate": float(df["contains_eos"].mean()),
         "compute_dtype": device.dtype,  # policy_model.dtype with `auto` resolved on this machine
+        **setting(device, params.policy_model.attention),  # what the update's first forward must match
     }
     write_json(Path(params.paths.metrics) / "rollout.json", metrics)
     log(f"rollout: {len(df)} responses, {new_tokens} tokens in {gen_seconds:.1f}s "

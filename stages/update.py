@@ -24,6 +24,7 @@ def main(params) -> None:
     from rlhf.runtime.device import resolve_device
     from rlhf.runtime.distributed import init_distributed
     from rlhf.runtime.log import log
+    from rlhf.runtime.numerics import setting
     from rlhf.runtime.seeding import derive_seed
     from rlhf.training.ppo_update import (
         build_groups, load_batch, make_optimizer, next_kl_coef, ppo_epochs, summarise, trainable_parameters,
@@ -61,7 +62,7 @@ def main(params) -> None:
     summary = summarise(history)
     state = {**state, "kl_coef": next_kl_coef(df, params, kl_coef)}
     summary.update({"iteration": iteration, "update_seconds": round(time.perf_counter() - start, 3),
-                    "kl_coef_next": state["kl_coef"]})
+                    "kl_coef_next": state["kl_coef"], **setting(device, params.policy_model.attention)})
     save_state(actors, opts, named, state, len(history), Path(params.paths.next))
     del actors, opts, named, groups
     device.free()

@@ -140,3 +140,8 @@ def trained_repo(tmp_path_factory, tiny_policy, tiny_reward) -> Path:
 def copy_repo(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, symlinks=True)
     return dest
+
+
+def numerics(metrics: dict) -> dict:
+    """A stage's numeric setting (the `numerics/*` entries of its metrics), less how it was served."""
+    return {k: v for k, v in metrics.items() if k.startswith("numerics/") and k != "numerics/process"}

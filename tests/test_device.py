@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run, stage, tiny_params
+from conftest import ROOT, numerics, run, stage, tiny_params
 from rlhf import ppo
 from rlhf.config.params import ParamsError, parse_params
 from rlhf.models.checkpoint import OPTIMIZER_DIR, init_state, load_actors, load_optimizer, save_state
@@ -251,6 +251,8 @@ def test_critic_mode_full_end_to_end_on_a_bf16_base(tmp_path, tiny_policy, tiny_
                 stage("reference"), stage("advantages"), stage("update")):
         run(cmd, tmp_path)
     update = json.loads((tmp_path / "metrics/update.json").read_text())
+    rollout = json.loads((tmp_path / "metrics/rollout.json").read_text())
+    assert numerics(rollout) == numerics(update) and update["numerics/dtype"] == "bfloat16"
     assert update["first_minibatch/ratio_max_abs_dev"] == 0.0
     from safetensors.torch import load_file
 

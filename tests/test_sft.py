@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import copy_repo, make_project, run, tiny_params
+from conftest import copy_repo, make_project, numerics, run, tiny_params
 from rlhf.config.params import load_params, parse_params
 from rlhf.models.sources import load_causal_lm, load_tokenizer
 from rlhf.runtime.device import resolve_device
@@ -187,6 +187,8 @@ def test_sft_stage_trains_on_training_prompts_and_lowers_the_held_out_nll(sft_re
     state = json.loads((sft_repo / "models/current/state.json").read_text())
     assert state["iteration"] == 1 and state["sft"] == record["adapter_sha256"]
     update = json.loads((sft_repo / "metrics/update.json").read_text())
+    rollout = json.loads((sft_repo / "metrics/rollout.json").read_text())
+    assert numerics(rollout) == numerics(update) and update["numerics/threads"] >= 1  # both passes alike
     assert update["first_minibatch/ratio_max_abs_dev"] == 0.0
     initial = json.loads((sft_repo / "metrics/eval_initial.json").read_text())
     assert abs(initial["eval/kl_mean"]) < 1e-6  # iteration 0 is the SFT policy = the reference

@@ -259,7 +259,7 @@ class Runtime(_Section):
     def _nodes_can_meet(cls, value: str) -> str:
         check_multinode_launcher(value)
         return value
-    threads: int = Field(ge=0)  # 0: torch's default
+    threads: int = Field(ge=0)  # 0: one per physical core the command may run on (rlhf/runtime/numerics.py)
     progress: Literal["auto", "on", "off"]
     warm_start: bool  # model stages fork from one process that has imported torch/transformers (rlhf/runtime/warm_start.py)
     device: Literal["auto", "cpu", "cuda", "meta"]  # auto: CUDA when torch sees it; meta: shapes only (tests)

@@ -69,10 +69,10 @@ def _run(main: Callable[..., object], argv: list[str], params_file: Path, args: 
         code = warm_start.delegate(argv)
         if code is not None:
             return code
-    if params.runtime.threads > 0:
-        import torch
+    if warm or params.runtime.threads > 0:  # model stages: one explicit count, served warm or not (numerics.py)
+        from rlhf.runtime.numerics import set_threads
 
-        torch.set_num_threads(params.runtime.threads)
+        set_threads(params.runtime.threads)
     start = time.perf_counter()
     main(params, *args)
     # One wall-time line per stage (after its own line): what `dvc repro` spent where, for the user to read.

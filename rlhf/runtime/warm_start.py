@@ -18,6 +18,7 @@ What keeps this safe:
 - The stage's own process stays in the foreground for the whole stage: it forwards SIGINT/SIGTERM/SIGHUP to the worker,
   and if it dies (even by SIGKILL) its connection closes and the worker is killed at once, so `dvc repro`
   interruptions behave as with a direct run. The exit code (or signal) of the worker becomes the command's.
+- The worker takes the command's CPU affinity, so a stage computes with the thread count it would have run with.
 - Any problem reaching or starting the warm process falls back to running the stage in the command's own process.
 - It exits after RLHF_WARM_IDLE seconds (default 300) without a stage; `rlhf warm stop` stops it now.
 - Sockets live in a private per-user folder, or in $RLHF_WARM_DIR when set (the test suite uses its own).
@@ -125,7 +126,8 @@ def delegate(argv: list[str]) -> int | None:
         print(f"warm start unavailable ({err}); running in this process", file=sys.stderr)
         return None
     with conn:
-        request = {"argv": argv, "cwd": os.getcwd(), "env": {**os.environ, WORKER_ENV: "1"}}
+        request = {"argv": argv, "cwd": os.getcwd(), "env": {**os.environ, WORKER_ENV: "1"},
+                   "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
         try:  # nothing has run yet: any failure here still falls back to a direct run
             socket.send_fds(conn, [json.dumps(request).encode()], _stdio())
             reply = conn.recv(MAX_MSG)
@@ -336,6 +338,11 @@ def _work(request: dict, fds: list[int]) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         os.chdir(request["cwd"])
+        if request.get("cpus"):  # the command's CPUs, not the warm process's: its thread count follows from them
+            try:
+                os.sched_setaffinity(0, request["cpus"])
+            except OSError:
+                pass  # CPUs this worker may not use: it keeps the warm process's, which its metrics then show
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = list(request["argv"])
