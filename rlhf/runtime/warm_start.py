@@ -51,8 +51,11 @@ IDLE_ENV = "RLHF_WARM_IDLE"  # seconds a warm process waits for the next stage b
 READY_TIMEOUT_S = 180
 WORKER_ENV = "RLHF_WARM_WORKER"  # set inside workers: a worker never delegates again
 RUSAGE_ENV = "RLHF_WARM_RUSAGE"  # if set, the command writes the worker's resource usage (JSON) to this file
+# oneDNN and ATen read their ISA caps (ONEDNN_MAX_CPU_ISA, DNNL_*, ATEN_CPU_CAPABILITY) once, at import: a worker
+# forked from a process that imported under other caps would compute with kernels its command did not ask for.
 KEY_ENV_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_",
-                    "CUDA", "NCCL", "PYTHON", "LD_", "MALLOC", "XDG_CACHE_HOME", "RLHF_", "TQDM")
+                    "ONEDNN_", "DNNL_", "ATEN_", "CUDA", "NCCL", "PYTHON", "LD_", "MALLOC", "XDG_CACHE_HOME", "RLHF_",
+                    "TQDM")
 PRELOAD = ("torch", "pandas", "pyarrow.parquet", "transformers", "peft", "transformers.models.llama.modeling_llama",
            "transformers.models.qwen3.modeling_qwen3", "transformers.models.bert.modeling_bert",
            "rlhf.models.checkpoint", "rlhf.models.passes", "rlhf.models.sampling", "rlhf.models.scorers",
