@@ -145,3 +145,19 @@ def copy_repo(src: Path, dest: Path) -> Path:
 def numerics(metrics: dict) -> dict:
     """A stage's numeric setting (the `numerics/*` entries of its metrics), less how it was served."""
     return {k: v for k, v in metrics.items() if k.startswith("numerics/") and k != "numerics/process"}
+
+
+def sharded_project(folder: Path, policy: Path, reward: Path) -> Path:
+    """A tiny project up to this iteration's batch, sized for 2 ranks: one thread per process, as torchrun gives each
+    worker (BLAS results may depend on the thread count, a property of the kernels, not of how the work is sharded);
+    2 micro-batches per minibatch and 2 generation chunks, so each rank holds one of each and even the update's
+    gradient sums add the same two terms as one process does."""
+    p = tiny_params(policy, reward, rollout={"batch_size": 8, "micro_batch_size": 2, "generation_chunk": 4},
+                    ppo={"epochs": 2, "num_minibatches": 2}, runtime={"threads": 1})
+    (folder / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    (folder / "data").mkdir()
+    shutil.copytree(ROOT / "data/tldr", folder / "data/tldr")
+    for cmd in (stage("base_model", "policy"), stage("base_model", "reward"), stage("prepare"),
+                ["rlhf", "init", "--no-baseline", "--no-track"], stage("sample")):
+        run(cmd, folder)
+    return folder

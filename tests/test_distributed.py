@@ -4,9 +4,8 @@ import json
 import shutil
 
 import pytest
-import yaml
 
-from conftest import ROOT, run, stage, tiny_params
+from conftest import run, sharded_project, stage
 
 
 def torchrun(name: str, cwd):
@@ -15,18 +14,7 @@ def torchrun(name: str, cwd):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_policy, tiny_reward):
-    d = tmp_path_factory.mktemp("ddp")
-    # One thread per process in both runs, as torchrun gives each worker: BLAS results may depend on the thread
-    # count (different blocking), which is a property of the kernels, not of how the work is sharded.
-    p = tiny_params(tiny_policy, tiny_reward, rollout={"batch_size": 8, "micro_batch_size": 2, "generation_chunk": 4},
-                    ppo={"epochs": 2, "num_minibatches": 2}, runtime={"threads": 1})
-    (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (d / "data").mkdir()
-    shutil.copytree(ROOT / "data/tldr", d / "data/tldr")
-    for cmd in (stage("base_model", "policy"), stage("base_model", "reward"), stage("prepare"),
-                ["rlhf", "init", "--no-baseline", "--no-track"], stage("sample")):
-        run(cmd, d)
-    return d
+    return sharded_project(tmp_path_factory.mktemp("ddp"), tiny_policy, tiny_reward)
 
 
 def test_sharded_stages_write_identical_artifacts_and_update(workdir):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, make_project, run, stage, tiny_params
+from conftest import BIN, ROOT, make_project, run, sharded_project, stage, tiny_params
 
 SRUN = '''#!{python}
 """Stand-in for `srun --ntasks-per-node=1 CMD` on one host: CMD once per node ($SLURM_NNODES), all at once, each in
@@ -94,18 +94,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_policy, tiny_reward):
-    d = tmp_path_factory.mktemp("nodes")
-    # One thread per process, as torchrun gives each worker; 2 micro-batches per minibatch and 2 generation chunks:
-    # each rank holds one of each, so even the update's gradient sums add the same two terms as one process does.
-    p = tiny_params(tiny_policy, tiny_reward, rollout={"batch_size": 8, "micro_batch_size": 2, "generation_chunk": 4},
-                    ppo={"epochs": 2, "num_minibatches": 2}, runtime={"threads": 1})
-    (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (d / "data").mkdir()
-    shutil.copytree(ROOT / "data/tldr", d / "data/tldr")
-    for cmd in (stage("base_model", "policy"), stage("base_model", "reward"), stage("prepare"),
-                ["rlhf", "init", "--no-baseline", "--no-track"], stage("sample")):
-        run(cmd, d)
-    return d
+    return sharded_project(tmp_path_factory.mktemp("nodes"), tiny_policy, tiny_reward)
 
 
 OUTPUTS = {"rollout": ["data/iteration/rollout.parquet", "metrics/rollout.json"],
