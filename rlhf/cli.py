@@ -208,8 +208,8 @@ def seeds_run(seeds: list[int] = typer.Option([42, 1, 2], "--seed", "-s", help="
               out: Path = typer.Option(Path("runs/seeds"), help="folder of the seed-<s> worktrees"),
               overrides: list[str] = typer.Option([], "--set", help="key=value in params.yaml, e.g. optim.lr=1e-4"),
               params: Path = ParamsOpt):
-    """Train each seed in its own git worktree of HEAD (this params.yaml, `seed` and --set applied), one after
-    another, then write the report. A stopped run is continued."""
+    """Train each seed in its own git worktree of the commit HEAD names at the start (this params.yaml, `seed` and
+    --set applied), one after another, then write the report. A stopped run is continued from the same commit."""
     from rlhf import seeds as sd
     from rlhf.reports import seeds as seeds_report
 

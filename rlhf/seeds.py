@@ -1,8 +1,9 @@
 """`rlhf seeds run`: the same configuration under several seeds.
 
-Each seed gets its own git worktree of HEAD (`<out>/seed-<s>`, the working tree's params.yaml copied in, then
-`seed: <s>` and any `--set key=value`), and `rlhf train -n N` runs there, one seed after another (a run that stopped
-is continued, not restarted). `data.split_seed` is not changed, so every seed is judged on the same held-out prompts.
+Each seed gets its own git worktree of the commit HEAD names when the run starts (`<out>/seed-<s>`, the working
+tree's params.yaml copied in, then `seed: <s>` and any `--set key=value`), and `rlhf train -n N` runs there, one seed
+after another (a run that stopped is continued, not restarted, and only from that same commit: commits made while the
+seeds train never reach the seeds still to come). `data.split_seed` is not changed, so every seed is judged on the same held-out prompts.
 What the seeds say together (`report`, `compare`, `table`) is rlhf/reports/seeds.py.
 """
 
@@ -19,7 +20,7 @@ from rlhf.runtime.log import log
 
 
 def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], params_file: Path) -> list[Path]:
-    """Train each seed in its own worktree of HEAD; returns the run folders."""
+    """Train each seed in its own worktree of the commit HEAD names when the run starts; returns the run folders."""
     import yaml
 
     from rlhf.config.params import parse_params, read_yaml
@@ -36,12 +37,20 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
             set_key(raw, key, parse_value(value))
         parse_params(raw)
         params_of[seed] = raw
+    # HEAD once: a commit made while the seeds train must not reach the seeds still to come (one folder, one code)
+    commit = git_head(Path.cwd())
+    for seed in seeds:
+        folder = out / f"seed-{seed}"
+        if folder.exists() and (made_from := git_head(folder)) != commit:
+            raise StateError(f"{folder} was made from commit {made_from[:12]}, HEAD is {commit[:12]}: the seeds of one "
+                             f"folder run one commit's code (continue it from a checkout of {made_from[:12]}, or use "
+                             "another --out)")
     folders = []
     for seed in seeds:
         folder = out / f"seed-{seed}"
         if not folder.exists():
             out.mkdir(parents=True, exist_ok=True)
-            made = subprocess.run(["git", "worktree", "add", "--detach", str(folder), "HEAD"], capture_output=True,
+            made = subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], capture_output=True,
                                   text=True)
             if made.returncode != 0:
                 raise StateError(f"git worktree add {folder} failed: {made.stderr.strip()}")
@@ -60,6 +69,13 @@ def run(seeds: list[int], iterations: int, out: Path, overrides: list[str], para
                 raise StateError(f"seeds: seed {seed} failed (exit {result.returncode}); see {folder / 'train.log'}")
         folders.append(folder)
     return folders
+
+
+def git_head(folder: Path) -> str:
+    found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True)
+    if found.returncode != 0:
+        raise StateError(f"{folder}: not a git checkout with a commit ({found.stderr.strip()})")
+    return found.stdout.strip()
 
 
 def clear_run_outputs(folder: Path) -> None:

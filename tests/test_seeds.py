@@ -517,3 +517,45 @@ def test_a_seed_worktree_of_a_committed_run_starts_without_that_runs_history(sma
     left = sorted(str(p.relative_to(folder / "metrics")) for p in (folder / "metrics").rglob("*"))
     assert left == ["bench.json", "samples"]  # the archive folder stays, empty (evaluate's dvc.yaml dep)
     assert yaml.safe_load((folder / "params.yaml").read_text())["seed"] == 7
+
+
+def test_every_seed_of_a_run_trains_the_commit_it_started_from(tmp_path, monkeypatch):
+    """A commit made while the seeds train (the user goes on working in the repository) must not reach the seeds
+    still to come: one folder, one commit's code. Continuing that folder from another commit is refused in one line,
+    before anything trains."""
+    import subprocess
+
+    from rlhf import seeds as runner
+    from rlhf.errors import StateError
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "code.py").write_text("version = 1\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "."], ["git", "-c", "user.email=t@t", "-c", "user.name=t",
+                                                              "commit", "-qm", "one"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    real_run = subprocess.run
+
+    def fake(cmd, *args, **kwargs):
+        if "train" not in cmd:
+            return real_run(cmd, *args, **kwargs)
+        folder = Path(kwargs["cwd"])  # a finished seed: its history, then the user commits in the repository
+        (folder / "metrics").mkdir(exist_ok=True)
+        (folder / "metrics" / "history.csv").write_text("iteration\n0\n1\n")
+        (repo / "code.py").write_text(f"version = {len((repo / 'code.py').read_text())}\n")
+        for c in (["git", "add", "."], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "more"]):
+            real_run(c, cwd=repo, check=True)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(runner.subprocess, "run", fake)
+    monkeypatch.chdir(repo)
+    start = real_run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    runner.run([1, 2], 1, repo / "runs", [], ROOT / "params.yaml")
+
+    def made_from(folder: Path) -> str:
+        return real_run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True).stdout.strip()
+
+    assert [made_from(repo / "runs" / f"seed-{s}") for s in (1, 2)] == [start, start]
+    with pytest.raises(StateError, match="seed-1 was made from commit .*, HEAD is"):
+        runner.run([1, 2, 3], 1, repo / "runs", [], ROOT / "params.yaml")
+    assert not (repo / "runs" / "seed-3").exists()
