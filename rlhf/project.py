@@ -314,7 +314,7 @@ def finish_advance(params: Params) -> None:
         return
     iteration = read_state(current)["iteration"]
     path = history_path(params)
-    rows = {int(r["iteration"]) for r in csv.DictReader(path.open())} if path.exists() else set()
+    rows = {int(r["iteration"]) for r in read_history(path)}
     if read_state(nxt)["iteration"] == iteration and iteration not in rows:
         advance(params)
 
