@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, full_params
+from conftest import BIN, ROOT, full_params, sharded_project, stage
 from rlhf.runtime.numerics import resolve_threads
 
 PROBE = '''"""A stage that only reports what it would compute with."""
@@ -68,3 +68,35 @@ def test_threads_zero_resolves_to_one_count_per_core_or_omp_num_threads(monkeypa
     assert 1 <= resolve_threads(0) <= len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert resolve_threads(0) == 5 and resolve_threads(2) == 2
+
+
+def blas_calls(output: str) -> list[str]:
+    """MKL's own record of each BLAS call (MKL_VERBOSE=1): `... Dyn:<0|1> ... NThr:<n>`."""
+    return [line for line in output.splitlines() if line.startswith("MKL_VERBOSE") and "NThr:" in line]
+
+
+def test_every_blas_call_of_rollout_and_update_runs_at_the_recorded_thread_count(tmp_path, tiny_policy,
+                                                                                 tiny_reward):
+    """With `runtime.threads: 0` and no explicit count, MKL kept its dynamic mode (Dyn:1), choosing per call how many
+    threads to use, which it may lower when the machine is busy; on MKL's Intel kernels the sums then depend on the
+    load, which is how a first-minibatch ratio can be 1 alone and 1 ± 3e-5 under a busy CI run. Every call must run
+    with dynamic mode off, at the count the stage records in numerics/threads."""
+    folder = sharded_project(tmp_path, tiny_policy, tiny_reward)
+    p = yaml.safe_load((folder / "params.yaml").read_text())
+    p["runtime"].update({"threads": 0, "warm_start": False})
+    (folder / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    env = {**os.environ, "MKL_VERBOSE": "1", "PATH": BIN + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)
+    calls = {}
+    for name in ("rollout", "reward", "reference", "advantages", "update"):
+        done = subprocess.run(stage(name), cwd=folder, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        calls[name] = blas_calls(done.stdout + done.stderr)
+    if not calls["update"]:
+        pytest.skip("this torch build does not call MKL (no MKL_VERBOSE lines)")
+    for name in ("rollout", "update"):
+        threads = json.loads((folder / "metrics" / f"{name}.json").read_text())["numerics/threads"]
+        assert threads == resolve_threads(0)
+        modes = {(f"Dyn:{line.split('Dyn:')[1][0]}", f"NThr:{line.split('NThr:')[1].split()[0]}")
+                 for line in calls[name]}
+        assert modes == {("Dyn:0", f"NThr:{threads}")}, (name, modes)
