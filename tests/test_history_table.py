@@ -145,6 +145,7 @@ def test_the_command_writes_the_block_it_prints(a_run, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["{empty}"], "no history.csv or metrics/history.csv"),
     (["{missing}"], "no history.csv or metrics/history.csv"),
+    (["{broken}"], "not a history CSV"),
     (["{run}", "-i", "0,7"], "no iteration 7 in its history (it has 0–3)"),
     (["{run}", "-i", "5-"], "no iteration from 5 on"),
     (["{run}", "-i", "2-1"], "is empty"),
@@ -158,12 +159,14 @@ def test_the_command_writes_the_block_it_prints(a_run, tmp_path):
 ])
 def test_bad_inputs_give_one_line_and_leave_the_page_alone(a_run, tmp_path, args, words):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "history.csv").write_text("step,eval/reward_mean\n1,0.3\n")
     page, twice = tmp_path / "page.md", tmp_path / "twice.md"
     page.write_text("# P\n\n<!-- h:start -->\nold\n<!-- h:end -->\n")
     twice.write_text(page.read_text() * 2)
     before = page.read_text(), twice.read_text()
     names = {"run": a_run, "empty": tmp_path / "empty", "missing": tmp_path / "missing", "page": page,
-             "twice": twice}
+             "twice": twice, "broken": tmp_path / "broken"}
     result = run(["rlhf", "history", "table", *(a.format(**names) for a in args)], tmp_path, check=False)
     assert words in one_line_error(result)
     assert (page.read_text(), twice.read_text()) == before

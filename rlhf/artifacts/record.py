@@ -3,8 +3,10 @@
 - The metric registry (`EVAL_METRICS`): each held-out metric's name (its key in eval.json and its column in
   metrics/history.csv is `eval/<name>`), the label tables give it, its number format, whether it comes with an
   interval (then `_ci_low`, `_ci_high` and `_ci_mc`, the bounds' Monte-Carlo error, follow it), the value a claim
-  about it is measured against, and, for a guardrail, which way is worse and by how much. history.csv's columns, the `rlhf train` table, `rlhf seeds`, `rlhf history` and the plot check read it from here:
-  a new held-out metric is one entry here plus its computation in rlhf/evaluation.py.
+  about it is measured against, and, for a guardrail, which way is worse and by how much. history.csv's columns,
+  the `rlhf train` table, `rlhf seeds`, `rlhf history` and the plot check read it from here: a new held-out metric
+  is one entry here plus its computation in rlhf/evaluation.py. `TRAIN_METRICS` names and formats the
+  train_history.csv columns that tables show.
 - history.csv: read, and one iteration's row upserted.
 - The per-iteration held-out tables (metrics/samples/iter-N.jsonl, one row per held-out prompt): written at
   `TABLE_DECIMALS` decimals, read back indexed by prompt id. Whatever compares a fresh table with an archived one

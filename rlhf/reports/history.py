@@ -37,7 +37,9 @@ class Run:
 
     def span(self) -> str:
         its = sorted(self.history)
-        return f"{its[0]}–{its[-1]}" if len(its) > 1 else str(its[0])
+        if len(its) > 2 and its == list(range(its[0], its[-1] + 1)):
+            return f"{its[0]}–{its[-1]}"
+        return ", ".join(map(str, its))
 
 
 def history_file(folder: Path, name: str = "history.csv") -> Path | None:
@@ -53,12 +55,18 @@ def load(folder: Path, label: str | None = None) -> Run:
     path = history_file(folder)
     if path is None:
         raise StateError(f"{folder}: no history.csv or metrics/history.csv (the held-out record `rlhf train` writes)")
-    rows = record.read_history(path)
-    if not rows:
+    history = by_iteration(path)
+    if not history:
         raise StateError(f"{path}: no iteration recorded")
-    train_path = path.with_name("train_history.csv")
-    train = {int(r["iteration"]): r for r in record.read_history(train_path)}
-    return Run(label or folder.name, folder, {int(r["iteration"]): r for r in rows}, train)
+    return Run(label or folder.name, folder, history, by_iteration(path.with_name("train_history.csv")))
+
+
+def by_iteration(path: Path) -> dict[int, dict]:
+    """A history CSV's rows by iteration (empty when the file is absent)."""
+    try:
+        return {int(r["iteration"]): r for r in record.read_history(path)}
+    except (KeyError, ValueError, TypeError):
+        raise StateError(f"{path}: not a history CSV (every row needs an integer `iteration`)") from None
 
 
 def parse_iterations(spec: str | None) -> list[tuple[int, int | None]]:
