@@ -238,6 +238,7 @@ def seeds_compare(a: Path = typer.Argument(..., help="baseline seeds folder"),
     """B − A per iteration on ROUGE-L and on the reward, paired by seed and held-out prompt, with seed-level and
     pooled intervals, and B's guardrails against A's per seed."""
     from rlhf.reports import seeds as sd
+    from rlhf.reports.blocks import replace_block
 
     def go():
         text = sd.compare_markdown(sd.compare(a, b), a, b)
@@ -245,7 +246,7 @@ def seeds_compare(a: Path = typer.Argument(..., help="baseline seeds folder"),
         if out:
             out.write_text(text)
         if into:
-            into.write_text(sd.replace_block(into.read_text(), block, text, str(into)))
+            into.write_text(replace_block(into.read_text(), block, text, str(into)))
 
     _run(go)
 
@@ -258,11 +259,44 @@ def seeds_table(folders: list[Path] = typer.Argument(..., help="seeds folders, o
                 block: str = typer.Option("results-table", help="the block's name: <!-- NAME:start --> … end")):
     """One iteration of several configurations, a row per seed and each one's seed-level mean change (Markdown)."""
     from rlhf.reports import seeds as sd
+    from rlhf.reports.blocks import replace_block
 
     def go():
         text = sd.results_table({f.name: f for f in folders}, iteration, detail)
         if into:
-            into.write_text(sd.replace_block(into.read_text(), block, text, str(into)))
+            into.write_text(replace_block(into.read_text(), block, text, str(into)))
+        print(text, end="")
+
+    _run(go)
+
+
+history_app = typer.Typer(no_args_is_help=True, help="What a run's stored history says (history.csv), without torch.")
+app.add_typer(history_app, name="history")
+
+
+@history_app.command("table")
+def history_table(folders: list[Path] = typer.Argument(..., help="run folders: each holds history.csv or "
+                                                                  "metrics/history.csv"),
+                  iterations: list[str] = typer.Option([], "--iterations", "-i",
+                                                       help="e.g. 0,4,6-9 or 1- (from 1 to the run's last): one for "
+                                                            "every folder, or one per folder in order; default: every "
+                                                            "iteration"),
+                  labels: list[str] = typer.Option([], "--label", "-l", help="the run column's text, one per folder "
+                                                                             "in order (default: the folder's name)"),
+                  train_metrics: list[str] = typer.Option([], "--train-metric", help="also this train_history.csv "
+                                                                                     "column, e.g. "
+                                                                                     "val/explained_variance"),
+                  into: Optional[Path] = typer.Option(None, help="write the table into this Markdown file's block"),
+                  block: str = typer.Option("history-table", help="the block's name: <!-- NAME:start --> … end")):
+    """The held-out table of one or more runs at the chosen iterations (reward, Δ and win rate vs iteration 0 with
+    their intervals, EOS rate, repeated 3-grams, length, KL), as Markdown."""
+    from rlhf.reports import history as hist
+    from rlhf.reports.blocks import replace_block
+
+    def go():
+        text = hist.table(list(folders), list(labels), list(iterations), list(train_metrics))
+        if into:
+            into.write_text(replace_block(into.read_text(), block, text, str(into)))
         print(text, end="")
 
     _run(go)

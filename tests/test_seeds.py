@@ -21,6 +21,7 @@ import yaml
 from conftest import ROOT, make_project, run, tiny_params
 from rlhf.artifacts import record
 from rlhf.config.params import parse_params
+from rlhf.reports import blocks
 from rlhf.reports import seeds as sd
 from rlhf.reports import statistics as st
 
@@ -205,6 +206,9 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
     for name in ("README.md", "docs/results.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tmp_path / name)
+    history_commands = printed_history_commands((ROOT / "docs/results.md").read_text())
+    for run_folder in sorted({a for c in history_commands for a in c if a.startswith("docs/runs/")}):
+        shutil.copytree(ROOT / run_folder, tmp_path / run_folder)
     folder = docs.relative_to(ROOT)
     carried, reset = str(folder / "moments-carried"), str(folder / "moments-reset")
     for command in (["rlhf", "seeds", "report", carried], ["rlhf", "seeds", "report", reset],
@@ -213,7 +217,7 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
                     ["rlhf", "seeds", "table", carried, reset, "-n", "4", "--detail", "--into", "docs/results.md",
                      "--block", "seeds-table"],
                     ["rlhf", "seeds", "compare", str(study / "carried"), str(study / "reset"), "--into",
-                     "docs/results.md", "--block", "study-compare"]):
+                     "docs/results.md", "--block", "study-compare"], *history_commands):
         run(command, tmp_path)
     return {str(folder / name / table): (tmp_path / folder / name / table).read_text()
             for name in ("moments-carried", "moments-reset") for table in ("seeds.md", "seeds.csv")} | {
@@ -221,17 +225,42 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
         "README.md": (tmp_path / "README.md").read_text(), "docs/results.md": (tmp_path / "docs/results.md").read_text()}
 
 
+HISTORY_BLOCKS = {"default-4-table", "default-20-table", "levers-table", "lever-sweep-table"}
+
+
+def printed_history_commands(page: str) -> list[list[str]]:
+    """The `rlhf history table` commands a page prints in its indented code blocks (continuation lines joined), so
+    the commands a reader sees are the ones that rebuild the tables below them."""
+    import shlex
+
+    commands, current = [], ""
+    for line in page.splitlines():
+        text = line.strip()
+        if current or text.startswith("rlhf history table "):
+            current += " " + text.removesuffix("\\")
+            if not text.endswith("\\"):
+                commands.append(shlex.split(current))
+                current = ""
+    return commands
+
+
 def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
     """docs/runs keeps each seed run in the layout `rlhf seeds run` writes, so `report`, `compare` and `table` on
     those folders rebuild the published seeds.md/.csv, compare.md and the results tables of README.md and
-    docs/results.md byte for byte: no number in them is typed by hand."""
+    docs/results.md byte for byte, and `rlhf history table` rebuilds the single runs' tables of docs/results.md from
+    their stored history.csv: no number in them is typed by hand."""
     rebuilt = published_tables(tmp_path)
     for name, text in rebuilt.items():
         assert text == (ROOT / name).read_text(), name
     readme, results = (ROOT / "README.md").read_text(), (ROOT / "docs/results.md").read_text()
-    assert sd.block(readme, "results-table").count("| moments-") == 8  # the block is there and holds the table
-    assert sd.block(results, "seeds-table").count("| moments-") == 8
-    assert "| 4 | ROUGE-L | 3 |" in sd.block(results, "study-compare")
+    assert blocks.block(readme, "results-table").count("| moments-") == 8  # the block is there and holds the table
+    assert blocks.block(results, "seeds-table").count("| moments-") == 8
+    assert "| 4 | ROUGE-L | 3 |" in blocks.block(results, "study-compare")
+    # every table of the single runs under docs/runs is a block written by the command printed above it
+    printed = printed_history_commands(results)
+    assert {c[c.index("--block") + 1] for c in printed} == HISTORY_BLOCKS and len(printed) == len(HISTORY_BLOCKS)
+    for name in HISTORY_BLOCKS:
+        assert blocks.block(results, name).count("\n| ") >= 2, name  # the block holds a table with rows
 
 
 def test_compare_pairs_by_seed_and_prompt(tmp_path):

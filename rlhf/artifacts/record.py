@@ -3,8 +3,10 @@
 - The metric registry (`EVAL_METRICS`): each held-out metric's name (its key in eval.json and its column in
   metrics/history.csv is `eval/<name>`), the label tables give it, its number format, whether it comes with an
   interval (then `_ci_low`, `_ci_high` and `_ci_mc`, the bounds' Monte-Carlo error, follow it), the value a claim
-  about it is measured against, and, for a guardrail, which way is worse and by how much. history.csv's columns, the `rlhf train` table, `rlhf seeds` and the plot check read it from here:
-  a new held-out metric is one entry here plus its computation in rlhf/evaluation.py.
+  about it is measured against, and, for a guardrail, which way is worse and by how much. history.csv's columns,
+  the `rlhf train` table, `rlhf seeds`, `rlhf history` and the plot check read it from here: a new held-out metric
+  is one entry here plus its computation in rlhf/evaluation.py. `TRAIN_METRICS` names and formats the
+  train_history.csv columns that tables show.
 - history.csv: read, and one iteration's row upserted.
 - The per-iteration held-out tables (metrics/samples/iter-N.jsonl, one row per held-out prompt): written at
   `TABLE_DECIMALS` decimals, read back indexed by prompt id. Whatever compares a fresh table with an archived one
@@ -82,6 +84,27 @@ PER_SEED = [METRICS[name] for name in ("reward_mean", "rouge_l_mean", "win_rate_
                                        "rouge_l_win_rate_vs_initial", "eos_rate", "cut_rate",
                                        "repeated_3gram_fraction", "length_mean")]
 GUARDRAILS = [m for m in EVAL_METRICS if m.worse]
+# the columns of `rlhf history table` (one run's held-out table), in its order
+PER_RUN = [METRICS[name] for name in ("reward_mean", "reward_delta_vs_initial", "win_rate_vs_initial", "eos_rate",
+                                      "repeated_3gram_fraction", "length_mean", "kl_mean")]
+
+
+@dataclass(frozen=True)
+class TrainMetric:
+    """A column of metrics/train_history.csv (the rollout and update of each iteration, rlhf/project.py's
+    TRAIN_COLUMNS) that a table can show beside the held-out ones."""
+
+    key: str
+    label: str
+    fmt: str
+
+
+TRAIN_METRICS = {m.key: m for m in (
+    TrainMetric("val/explained_variance", "critic explained variance", ".2f"),
+    TrainMetric("policy/approxkl", "approxkl", ".4f"),
+    TrainMetric("policy/clipfrac", "clip fraction", ".3f"),
+    TrainMetric("loss/value", "value loss", ".3f"),
+)}
 
 # The per-prompt columns that are compared between iterations, and the names of their comparisons.
 JUDGES = {"rouge_l": "ROUGE-L", "reward": "reward"}  # per-prompt column → label

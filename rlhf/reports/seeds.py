@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -423,19 +422,3 @@ def length_adjusted(r: SeedRun, iteration: int, resamples: int) -> str:
                                      t0["reward"].reindex(order).to_numpy(float))
     iv = st.bootstrap_interval(d_reward - slope * d_length, resamples, BOOTSTRAP_SEED, LEVEL)
     return f"{show(iv)} ({r2:.3f})"
-
-
-def replace_block(text: str, name: str, body: str, where: str) -> str:
-    """`text` with the lines between `<!-- name:start -->` and `<!-- name:end -->` replaced by `body`."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    pattern = re.compile(re.escape(start) + r"\n.*?" + re.escape(end), re.S)
-    if len(pattern.findall(text)) != 1:
-        raise StateError(f"{where}: needs exactly one block {start} … {end}")
-    return pattern.sub(lambda _: f"{start}\n{body}{end}", text)
-
-
-def block(text: str, name: str) -> str | None:
-    """The lines between a block's markers (None without the block)."""
-    found = re.search(re.escape(f"<!-- {name}:start -->") + r"\n(.*?)" + re.escape(f"<!-- {name}:end -->"), text,
-                      re.S)
-    return found.group(1) if found else None
