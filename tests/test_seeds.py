@@ -201,8 +201,9 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
     for name in ("moments-carried", "moments-reset"):
         shutil.copytree(PUBLISHED / name, tmp_path / docs.relative_to(ROOT) / name,
                         ignore=shutil.ignore_patterns("seeds.*"))
-    study = Path("docs/runs/moments-2026-12-07")  # the pre-registered study's runs so far
+    study = Path("docs/runs/moments-2026-12-07")  # the pre-registered study's runs
     shutil.copytree(ROOT / study, tmp_path / study, ignore=shutil.ignore_patterns("seeds.*"))
+    study_a, study_b = str(study / "carried"), str(study / "reset")
     for name in ("README.md", "docs/results.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tmp_path / name)
@@ -213,14 +214,18 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
     carried, reset = str(folder / "moments-carried"), str(folder / "moments-reset")
     for command in (["rlhf", "seeds", "report", carried], ["rlhf", "seeds", "report", reset],
                     ["rlhf", "seeds", "compare", carried, reset, "--out", str(folder / "compare.md")],
-                    ["rlhf", "seeds", "table", carried, reset, "-n", "4", "--into", "README.md"],
                     ["rlhf", "seeds", "table", carried, reset, "-n", "4", "--detail", "--into", "docs/results.md",
                      "--block", "seeds-table"],
-                    ["rlhf", "seeds", "compare", str(study / "carried"), str(study / "reset"), "--into",
-                     "docs/results.md", "--block", "study-compare"], *history_commands):
+                    ["rlhf", "seeds", "report", study_a], ["rlhf", "seeds", "report", study_b],
+                    ["rlhf", "seeds", "table", study_a, study_b, "-n", "4", "--into", "README.md"],
+                    ["rlhf", "seeds", "table", study_a, study_b, "-n", "4", "--detail", "--into", "docs/results.md",
+                     "--block", "study-table"],
+                    ["rlhf", "seeds", "compare", study_a, study_b, "--into", "docs/results.md", "--block",
+                     "study-compare"], *history_commands):
         run(command, tmp_path)
-    return {str(folder / name / table): (tmp_path / folder / name / table).read_text()
-            for name in ("moments-carried", "moments-reset") for table in ("seeds.md", "seeds.csv")} | {
+    return {str(where / table): (tmp_path / where / table).read_text()
+            for where in (folder / "moments-carried", folder / "moments-reset", study / "carried", study / "reset")
+            for table in ("seeds.md", "seeds.csv")} | {
         str(folder / "compare.md"): (tmp_path / folder / "compare.md").read_text(),
         "README.md": (tmp_path / "README.md").read_text(), "docs/results.md": (tmp_path / "docs/results.md").read_text()}
 
@@ -253,9 +258,12 @@ def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
     for name, text in rebuilt.items():
         assert text == (ROOT / name).read_text(), name
     readme, results = (ROOT / "README.md").read_text(), (ROOT / "docs/results.md").read_text()
-    assert blocks.block(readme, "results-table").count("| moments-") == 8  # the block is there and holds the table
+    # the blocks are there and hold the tables: the study's five seeds and their mean per setting
+    assert blocks.block(readme, "results-table").count("| carried |") == blocks.block(readme, "results-table").count(
+        "| reset |") == 6
+    assert blocks.block(results, "study-table").count("| carried |") == 6
     assert blocks.block(results, "seeds-table").count("| moments-") == 8
-    assert "| 4 | ROUGE-L | 3 |" in blocks.block(results, "study-compare")
+    assert "| 4 | ROUGE-L | 5 |" in blocks.block(results, "study-compare")
     # every table of the single runs under docs/runs is a block written by the command printed above it
     printed = printed_history_commands(results)
     assert {c[c.index("--block") + 1] for c in printed} == HISTORY_BLOCKS and len(printed) == len(HISTORY_BLOCKS)
