@@ -283,18 +283,22 @@ def history_table(folders: list[Path] = typer.Argument(..., help="run folders: e
                                                             "iteration"),
                   labels: list[str] = typer.Option([], "--label", "-l", help="the run column's text, one per folder "
                                                                              "in order (default: the folder's name)"),
+                  metrics: list[str] = typer.Option([], "--metric", help="also this held-out metric of the run "
+                                                                         "record, e.g. reward_delta_vs_previous or "
+                                                                         "distinct_2 (after the default columns)"),
                   train_metrics: list[str] = typer.Option([], "--train-metric", help="also this train_history.csv "
                                                                                      "column, e.g. "
                                                                                      "val/explained_variance"),
                   into: Optional[Path] = typer.Option(None, help="write the table into this Markdown file's block"),
                   block: str = typer.Option("history-table", help="the block's name: <!-- NAME:start --> … end")):
     """The held-out table of one or more runs at the chosen iterations (reward, Δ and win rate vs iteration 0 with
-    their intervals, EOS rate, repeated 3-grams, length, KL), as Markdown."""
+    their intervals, EOS rate, repeated 3-grams, length, KL, and any --metric or --train-metric columns), as
+    Markdown."""
     from rlhf.reports import history as hist
     from rlhf.reports.blocks import replace_block
 
     def go():
-        text = hist.table(list(folders), list(labels), list(iterations), list(train_metrics))
+        text = hist.table(list(folders), list(labels), list(iterations), list(train_metrics), list(metrics))
         if into:
             into.write_text(replace_block(into.read_text(), block, text, str(into)))
         print(text, end="")

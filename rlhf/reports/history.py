@@ -2,7 +2,8 @@
 
 A run folder is anything that holds the history `rlhf train` writes: a project or `rlhf seeds run` folder
 (`metrics/history.csv`) or a run kept under docs/runs/ (`history.csv`). The columns are the run record's
-(rlhf/artifacts/record.py: `PER_RUN`, labels and number formats from its registry), optionally followed by columns
+(rlhf/artifacts/record.py: `PER_RUN`, labels and number formats from its registry), optionally followed by other
+held-out metrics of the registry (`METRICS`, e.g. the Δ vs the previous iteration or distinct 2-grams) and by columns
 of the run's train_history.csv (`TRAIN_METRICS`). Reads CSV and YAML only, so it never imports torch.
 
 Several runs give one table with a `run` column first (a label per run, or the folder's name). The interval level
@@ -124,8 +125,8 @@ def interval_level(runs: list[Run]) -> str:
 
 
 def cell(row: dict, metric: record.Metric, iteration: int) -> str:
-    if metric.interval and "_vs_initial" in metric.name and iteration == 0:
-        return NOT_COMPARED
+    if metric.interval and iteration == 0 and ("_vs_initial" in metric.name or "_vs_previous" in metric.name):
+        return NOT_COMPARED  # iteration 0 has no earlier iteration to be compared with
     point = record.value(row, metric.key)
     if point is None:
         return MISSING
@@ -154,11 +155,24 @@ def per_folder(values: list[str] | None, folders: list[Path], option: str) -> li
     return list(values)
 
 
+def held_out_columns(metrics: list[str] | None) -> list[record.Metric]:
+    """`PER_RUN`, then the registry's held-out metrics named in `metrics`, in the order given."""
+    columns = list(record.PER_RUN)
+    for name in metrics or []:
+        if name not in record.METRICS:
+            raise StateError(f"--metric {name}: not one of {', '.join(record.METRICS)}")
+        if record.METRICS[name] in columns:
+            raise StateError(f"--metric {name}: already a column of the table")
+        columns.append(record.METRICS[name])
+    return columns
+
+
 def table(folders: list[Path], labels: list[str] | None = None, iterations: list[str] | None = None,
-          train_metrics: list[str] | None = None) -> str:
-    """The held-out table of the runs in `folders`, one row per run and iteration, with the train_history.csv
-    columns `train_metrics` after the held-out ones. iterations: one spec (parse_iterations) for every run, or one
-    per run; none: every iteration."""
+          train_metrics: list[str] | None = None, metrics: list[str] | None = None) -> str:
+    """The held-out table of the runs in `folders`, one row per run and iteration: `PER_RUN`'s columns, then the
+    held-out metrics named in `metrics`, then the train_history.csv columns `train_metrics`. iterations: one spec
+    (parse_iterations) for every run, or one per run; none: every iteration."""
+    columns = held_out_columns(metrics)
     unknown = [k for k in train_metrics or [] if k not in record.TRAIN_METRICS]
     if unknown:
         raise StateError(f"--train-metric {unknown[0]}: not one of {', '.join(record.TRAIN_METRICS)}")
@@ -170,11 +184,11 @@ def table(folders: list[Path], labels: list[str] | None = None, iterations: list
     level = interval_level(runs)
     several = len(runs) > 1
     head = (["run"] if several else []) + ["iteration"] + [
-        m.label + (f" [{level}]" if m.interval else "") for m in record.PER_RUN] + [m.label for m in extra]
+        m.label + (f" [{level}]" if m.interval else "") for m in columns] + [m.label for m in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + ("---|" if several else "") + "---:|" * (len(head) - several)]
     for run in runs:
         for it in shown[id(run)]:
-            cells = [cell(run.row(it), m, it) for m in record.PER_RUN]
+            cells = [cell(run.row(it), m, it) for m in columns]
             cells += [train_cell(run.train.get(it), m) for m in extra]
             lines.append("| " + (f"{run.label} | " if several else "") + f"{it} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
