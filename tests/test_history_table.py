@@ -2,9 +2,10 @@
 
 On hand-written histories: the cells in the registry's formats (intervals with "borderline" where a bound is within
 its Monte-Carlo error of the null, "—" for a comparison with iteration 0 at iteration 0, "–" for a value not
-recorded), the iteration choice, labels and train_history.csv columns; the block written into a page, indented as
-its markers are; every bad input refused with one line and exit code 2, leaving the page as it was; and no torch.
-The published tables rebuilt from docs/runs are checked in test_seeds.py (`published_tables`).
+recorded), the iteration choice, labels, other held-out metrics of the registry and train_history.csv columns; the
+block written into a page, indented as its markers are; every bad input refused with one line and exit code 2,
+leaving the page as it was; and no torch. Also `bench/paired_eval.py`, the table of two held-out tables paired by
+prompt. The published tables rebuilt from docs/runs are checked in test_seeds.py (`published_tables`).
 """
 
 import csv
@@ -115,6 +116,25 @@ def test_several_runs_with_labels_iterations_and_a_train_column(a_run, tmp_path)
     assert hist.table([a_run, other], iterations=["1"]).splitlines()[3].startswith("| nested | 1 |")
 
 
+def test_other_held_out_metrics_of_the_registry_follow_the_default_columns(a_run):
+    """--metric adds registry metrics after the default columns, in the order given, with the registry's label,
+    format and interval; iteration 0 has no previous iteration, so its Δ vs previous is "—" like its Δ vs itself."""
+    (a_run / "params.yaml").write_text("eval:\n  interval_level: 0.95\n")
+    rows = [r for r in record.read_history(a_run / "history.csv")]
+    rows[0]["eval/distinct_2"] = "0.608950452850293"
+    rows[1] |= {"eval/distinct_2": "0.6755142667551427", "eval/reward_delta_vs_previous": "0.034592",
+                "eval/reward_delta_vs_previous_ci_low": "-0.014865", "eval/reward_delta_vs_previous_ci_high": "0.084973"}
+    write_history(a_run, rows)
+    lines = hist.table([a_run], iterations=["0-1"], metrics=["reward_delta_vs_previous", "distinct_2"]).splitlines()
+    assert lines[0] == HEAD + " Δ reward vs previous [95%] | distinct 2-grams |"
+    assert lines[1] == "|---:|" + "---:|" * 9
+    assert lines[2] == "| 0 | 0.3004 | — | — | 0.58 | 0.067 | 39.3 | 0.000 | — | 0.609 |"
+    assert lines[3].endswith(" | 0.889 | +0.0346 [-0.0149, +0.0850] | 0.676 |")
+    # the default columns are the same with or without extra ones
+    assert [line.rsplit(" | ", 2)[0] + " |" for line in lines[2:]] == hist.table([a_run], iterations=["0-1"]
+                                                                                 ).splitlines()[2:]
+
+
 def test_a_block_inside_a_list_item_keeps_its_indentation():
     page = "- item:\n\n  <!-- t:start -->\n  old\n  <!-- t:end -->\n\n<!-- u:start -->\nx\n<!-- u:end -->\n"
     new = blocks.replace_block(page, "t", "| a |\n|---|\n| 1 |\n", "page")
@@ -153,6 +173,8 @@ def test_the_command_writes_the_block_it_prints(a_run, tmp_path):
     (["{run}", "{run}", "-i", "1", "-i", "1", "-i", "1"], "3 --iterations for 2 run folders"),
     (["{run}", "-l", "a", "-l", "b"], "2 --label for 1 run folders"),
     (["{run}", "--train-metric", "val/explained"], "--train-metric val/explained: not one of"),
+    (["{run}", "--metric", "distinct-2"], "--metric distinct-2: not one of"),
+    (["{run}", "--metric", "kl_mean"], "--metric kl_mean: already a column"),
     (["{run}", "--into", "{page}", "--block", "nowhere"], "needs exactly one block <!-- nowhere:start -->"),
     (["{run}", "--into", "{twice}", "--block", "h"], "needs exactly one block <!-- h:start -->"),
     (["{run}", "--into", "{missing}/page.md"], "No such file or directory"),
@@ -182,3 +204,52 @@ def test_history_table_runs_without_torch(a_run):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "| 1 | 0.3350 |" in out.stdout and out.stdout.rstrip().endswith("no torch")
+
+
+# --------------------------------------------------------------------------------------------- bench/paired_eval.py
+
+
+def write_samples(path: Path, rewards: dict[int, float], eos: float = 1.0, reverse: bool = False) -> Path:
+    """A held-out table (one JSON row per prompt) with the given rewards, in prompt order or its reverse."""
+    import json
+
+    rows = [{"prompt_id": pid, "summary": f"summary {pid} of the post", "reward": r, "eos": eos, "length": 5}
+            for pid, r in sorted(rewards.items(), reverse=reverse)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_paired_eval_writes_the_table_it_prints_into_a_block(tmp_path):
+    """B over A paired by prompt id (not by row), in the run record's formats, A's own comparisons "—"; with --into
+    the printed table is the block; a pair of tables on different prompts, or one label, is one line and exit 2."""
+    import numpy as np
+
+    from rlhf.reports import statistics as st
+
+    gen = np.random.default_rng(3)
+    base = {pid: float(gen.random()) for pid in range(100, 140)}
+    better = {pid: r + float(gen.normal(0.1, 0.1)) for pid, r in base.items()}
+    a, b = write_samples(tmp_path / "a.jsonl", base, eos=0.0, reverse=True), write_samples(tmp_path / "b.jsonl", better)
+    page = tmp_path / "page.md"
+    page.write_text("# P\n\n<!-- p:start -->\nold\n<!-- p:end -->\n")
+    script = str(ROOT / "bench" / "paired_eval.py")
+    result = run([sys.executable, script, str(a), str(b), "-l", "base", "-l", "new", "--into", str(page), "--block",
+                  "p"], tmp_path)
+    ids = sorted(base)
+    delta = st.bootstrap_interval([better[i] - base[i] for i in ids], 2000, 0, 0.95)
+    win = st.bootstrap_interval(st.wins([better[i] for i in ids], [base[i] for i in ids]), 2000, 0, 0.95)
+    d2 = st.distinct_n([f"summary {pid} of the post" for pid in ids])
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("| side | reward | Δ reward vs A [95%] | win rate vs A [95%] | EOS rate | repeated 3-grams | "
+                        "distinct-2 | length |")
+    assert lines[2] == f"| A: base | {np.mean(list(base.values())):.4f} | — | — | 0.00 | 0.000 | {d2:.3f} | 5.0 |"
+    assert lines[3] == (f"| B: new | {np.mean(list(better.values())):.4f} | {st.interval_text(delta, '+.4f')} | "
+                        f"{st.interval_text(win, '.2f', 0.5)} | 1.00 | 0.000 | {d2:.3f} | 5.0 |")
+    assert delta.low > 0 and len(lines) == 4
+    assert page.read_text() == f"# P\n\n<!-- p:start -->\n{result.stdout}<!-- p:end -->\n"
+    before = page.read_text()
+    other = write_samples(tmp_path / "c.jsonl", {pid + 1: r for pid, r in base.items()})
+    for args, words in (([str(a), str(other)], "different prompts"), ([str(a), str(b), "-l", "x"], "1 --label")):
+        bad = run([sys.executable, script, *args, "--into", str(page), "--block", "p"], tmp_path, check=False)
+        assert words in one_line_error(bad)
+    assert page.read_text() == before

@@ -207,9 +207,16 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
     for name in ("README.md", "docs/results.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tmp_path / name)
-    history_commands = printed_history_commands((ROOT / "docs/results.md").read_text())
-    for run_folder in sorted({a for c in history_commands for a in c if a.startswith("docs/runs/")}):
-        shutil.copytree(ROOT / run_folder, tmp_path / run_folder)
+    printed = {page: printed_commands((ROOT / page).read_text()) for page in pages_printing_commands()}
+    table_commands = [c for commands in printed.values() for c in commands]
+    # what the printed commands read and write: run folders, per-prompt tables, the pages, bench/paired_eval.py
+    for name in sorted({a for c in table_commands for a in c if a.startswith(("docs/", "bench/"))}):
+        source, copy = ROOT / name, tmp_path / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, copy, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, copy)
     folder = docs.relative_to(ROOT)
     carried, reset = str(folder / "moments-carried"), str(folder / "moments-reset")
     for command in (["rlhf", "seeds", "report", carried], ["rlhf", "seeds", "report", reset],
@@ -221,27 +228,41 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
                     ["rlhf", "seeds", "table", study_a, study_b, "-n", "4", "--detail", "--into", "docs/results.md",
                      "--block", "study-table"],
                     ["rlhf", "seeds", "compare", study_a, study_b, "--into", "docs/results.md", "--block",
-                     "study-compare"], *history_commands):
+                     "study-compare"], *table_commands):
         run(command, tmp_path)
     return {str(where / table): (tmp_path / where / table).read_text()
             for where in (folder / "moments-carried", folder / "moments-reset", study / "carried", study / "reset")
             for table in ("seeds.md", "seeds.csv")} | {
         str(folder / "compare.md"): (tmp_path / folder / "compare.md").read_text(),
-        "README.md": (tmp_path / "README.md").read_text(), "docs/results.md": (tmp_path / "docs/results.md").read_text()}
+        "README.md": (tmp_path / "README.md").read_text()} | {
+        page: (tmp_path / page).read_text() for page in printed}
 
 
-HISTORY_BLOCKS = {"default-4-table", "default-20-table", "levers-table", "lever-sweep-table"}
+# the blocks each page's printed commands write: every table of the single runs under docs/runs
+PRINTED_BLOCKS = {
+    "docs/results.md": {"default-4-table", "default-20-table", "levers-table", "lever-sweep-table"},
+    "docs/runs/embedded-default-2026-11-30/README.md": {"default-4-table"},
+    "docs/runs/embedded-long-2026-11-30/README.md": {"default-20-table"},
+    "docs/runs/sft-warm-start-2026-11-30/README.md": {"sft-table", "sft-vs-base-table"},
+}
+TABLE_COMMANDS = ("rlhf history table ", "python bench/paired_eval.py ")  # the commands that print a run's table
 
 
-def printed_history_commands(page: str) -> list[list[str]]:
-    """The `rlhf history table` commands a page prints in its indented code blocks (continuation lines joined), so
-    the commands a reader sees are the ones that rebuild the tables below them."""
+def pages_printing_commands() -> list[str]:
+    """docs/results.md and every run folder's README under docs/runs that prints a table command."""
+    pages = ["docs/results.md", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs/runs").glob("*/README.md")))]
+    return [page for page in pages if printed_commands((ROOT / page).read_text())]
+
+
+def printed_commands(page: str) -> list[list[str]]:
+    """The table commands (`TABLE_COMMANDS`) a page prints in its indented code blocks (continuation lines joined),
+    so the commands a reader sees are the ones that rebuild the tables below them."""
     import shlex
 
     commands, current = [], ""
     for line in page.splitlines():
         text = line.strip()
-        if current or text.startswith("rlhf history table "):
+        if current or text.startswith(TABLE_COMMANDS):
             current += " " + text.removesuffix("\\")
             if not text.endswith("\\"):
                 commands.append(shlex.split(current))
@@ -252,8 +273,9 @@ def printed_history_commands(page: str) -> list[list[str]]:
 def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
     """docs/runs keeps each seed run in the layout `rlhf seeds run` writes, so `report`, `compare` and `table` on
     those folders rebuild the published seeds.md/.csv, compare.md and the results tables of README.md and
-    docs/results.md byte for byte, and `rlhf history table` rebuilds the single runs' tables of docs/results.md from
-    their stored history.csv: no number in them is typed by hand."""
+    docs/results.md byte for byte, and the commands docs/results.md and the run folders' READMEs print (`rlhf history
+    table`, `bench/paired_eval.py`) rebuild the single runs' tables from their stored history.csv and held-out
+    tables: no number in them is typed by hand."""
     rebuilt = published_tables(tmp_path)
     for name, text in rebuilt.items():
         assert text == (ROOT / name).read_text(), name
@@ -264,11 +286,16 @@ def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
     assert blocks.block(results, "study-table").count("| carried |") == 6
     assert blocks.block(results, "seeds-table").count("| moments-") == 8
     assert "| 4 | ROUGE-L | 5 |" in blocks.block(results, "study-compare")
-    # every table of the single runs under docs/runs is a block written by the command printed above it
-    printed = printed_history_commands(results)
-    assert {c[c.index("--block") + 1] for c in printed} == HISTORY_BLOCKS and len(printed) == len(HISTORY_BLOCKS)
-    for name in HISTORY_BLOCKS:
-        assert blocks.block(results, name).count("\n| ") >= 2, name  # the block holds a table with rows
+    # every table of the single runs under docs/runs is a block written by the command printed above it, into the
+    # page that prints it
+    assert set(pages_printing_commands()) == set(PRINTED_BLOCKS)
+    for page, names in PRINTED_BLOCKS.items():
+        text = (ROOT / page).read_text()
+        printed = printed_commands(text)
+        assert all(c[c.index("--into") + 1] == page for c in printed), page
+        assert {c[c.index("--block") + 1] for c in printed} == names and len(printed) == len(names), page
+        for name in names:
+            assert blocks.block(text, name).count("\n| ") >= 2, (page, name)  # the block holds a table with rows
 
 
 def test_compare_pairs_by_seed_and_prompt(tmp_path):
