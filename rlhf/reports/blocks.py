@@ -1,6 +1,6 @@
 """Generated blocks of a Markdown page: the lines between `<!-- NAME:start -->` and `<!-- NAME:end -->`, written by
-the commands that render tables from stored runs (`rlhf seeds table|compare --into`, `rlhf history table --into`),
-so a published table is rebuilt in place and a test can compare it with its source."""
+the commands that render tables from stored runs (`rlhf seeds table|compare --into`, `rlhf history table --into`,
+`bench/paired_eval.py --into`), so a published table is rebuilt in place and a test can compare it with its source."""
 
 from __future__ import annotations
 
