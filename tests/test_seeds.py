@@ -204,6 +204,8 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
     study = Path("docs/runs/moments-2026-12-07")  # the pre-registered study's runs
     shutil.copytree(ROOT / study, tmp_path / study, ignore=shutil.ignore_patterns("seeds.*"))
     study_a, study_b = str(study / "carried"), str(study / "reset")
+    lever = Path("docs/runs/minibatches-2026-12-07/minibatches-4")  # the minibatches study's B (its A is study_a)
+    shutil.copytree(ROOT / lever, tmp_path / lever, ignore=shutil.ignore_patterns("seeds.*"))
     for name in ("README.md", "docs/results.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tmp_path / name)
@@ -228,10 +230,16 @@ def published_tables(tmp_path: Path) -> dict[str, str]:
                     ["rlhf", "seeds", "table", study_a, study_b, "-n", "4", "--detail", "--into", "docs/results.md",
                      "--block", "study-table"],
                     ["rlhf", "seeds", "compare", study_a, study_b, "--into", "docs/results.md", "--block",
-                     "study-compare"], *table_commands):
+                     "study-compare"],
+                    ["rlhf", "seeds", "report", str(lever)],
+                    ["rlhf", "seeds", "table", study_a, str(lever), "-n", "4", "--detail", "--into",
+                     "docs/results.md", "--block", "minibatches-table"],
+                    ["rlhf", "seeds", "compare", study_a, str(lever), "--into", "docs/results.md", "--block",
+                     "minibatches-compare"], *table_commands):
         run(command, tmp_path)
     return {str(where / table): (tmp_path / where / table).read_text()
-            for where in (folder / "moments-carried", folder / "moments-reset", study / "carried", study / "reset")
+            for where in (folder / "moments-carried", folder / "moments-reset", study / "carried", study / "reset",
+                          lever)
             for table in ("seeds.md", "seeds.csv")} | {
         str(folder / "compare.md"): (tmp_path / folder / "compare.md").read_text(),
         "README.md": (tmp_path / "README.md").read_text()} | {
@@ -286,6 +294,8 @@ def test_the_published_seed_runs_give_back_their_published_tables(tmp_path):
     assert blocks.block(results, "study-table").count("| carried |") == 6
     assert blocks.block(results, "seeds-table").count("| moments-") == 8
     assert "| 4 | ROUGE-L | 5 |" in blocks.block(results, "study-compare")
+    assert "| 4 | ROUGE-L | 5 |" in blocks.block(results, "minibatches-compare")
+    assert blocks.block(results, "minibatches-table").count("| minibatches-4 |") == 6
     # every table of the single runs under docs/runs is a block written by the command printed above it, into the
     # page that prints it
     assert set(pages_printing_commands()) == set(PRINTED_BLOCKS)
