@@ -161,3 +161,15 @@ def sharded_project(folder: Path, policy: Path, reward: Path) -> Path:
                 ["rlhf", "init", "--no-baseline", "--no-track"], stage("sample")):
         run(cmd, folder)
     return folder
+
+
+def cli_without_torch(*argv: str) -> str:
+    """`rlhf ARGV…` run in a fresh interpreter; its output, which ends with whether torch got imported (commands that
+    only read stored runs must not load it: seconds to import, and absent where runs are only read)."""
+    code = ("import sys\nfrom rlhf.cli import app\n"
+            f"sys.argv = ['rlhf', *{list(argv)!r}]\n"
+            "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -9,13 +9,12 @@ prompt. The published tables rebuilt from docs/runs are checked in test_seeds.py
 """
 
 import csv
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, cli_without_torch, run
 from rlhf.artifacts import record
 from rlhf.errors import StateError
 from rlhf.reports import blocks
@@ -197,13 +196,8 @@ def test_bad_inputs_give_one_line_and_leave_the_page_alone(a_run, tmp_path, args
 def test_history_table_runs_without_torch(a_run):
     """`rlhf history table` reads CSV and YAML only: it must not import torch (seconds to load, and absent where
     stored runs are only read)."""
-    code = ("import sys\nfrom rlhf.cli import app\n"
-            f"sys.argv = ['rlhf', 'history', 'table', {str(a_run)!r}, '--train-metric', 'val/explained_variance']\n"
-            "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert "| 1 | 0.3350 |" in out.stdout and out.stdout.rstrip().endswith("no torch")
+    out = cli_without_torch("history", "table", str(a_run), "--train-metric", "val/explained_variance")
+    assert "| 1 | 0.3350 |" in out and out.rstrip().endswith("no torch")
 
 
 # --------------------------------------------------------------------------------------------- bench/paired_eval.py

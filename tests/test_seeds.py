@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, make_project, run, tiny_params
+from conftest import ROOT, cli_without_torch, make_project, run, tiny_params
 from rlhf.artifacts import record
 from rlhf.config.params import parse_params
 from rlhf.reports import blocks
@@ -466,21 +466,13 @@ def test_guardrails_per_seed_by_the_protocol_thresholds(tmp_path):
 def test_seeds_compare_runs_without_torch(tmp_path):
     """`rlhf seeds compare` reads run records only: it must not import torch (seconds to load, and absent where
     stored runs are only read)."""
-    import subprocess
-    import sys
-
     gen = np.random.default_rng(5)
     for side in ("a", "b"):
         for s in (1, 2):
             write_run(tmp_path / side / f"seed-{s}", {it: {p: {"reward": float(gen.random()), "rouge_l": 0.1}
                                                            for p in range(6)} for it in (0, 1)})
-    code = ("import sys\nfrom rlhf.cli import app\n"
-            f"sys.argv = ['rlhf', 'seeds', 'compare', {str(tmp_path / 'a')!r}, {str(tmp_path / 'b')!r}]\n"
-            "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert "| 1 | reward | 2 |" in out.stdout and out.stdout.rstrip().endswith("no torch")
+    out = cli_without_torch("seeds", "compare", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert "| 1 | reward | 2 |" in out and out.rstrip().endswith("no torch")
 
 
 def test_stored_runs_intervals_move_less_than_0_002_across_bootstrap_seeds():
