@@ -99,18 +99,25 @@ def test_killed_stage_then_repro_matches_uninterrupted_run(project, stage):
     # One point in the first half of the stage's run (imports, loading), one in the second (compute, write).
     fractions = [rng.uniform(0.05, 0.5), rng.uniform(0.5, 0.95)] + [rng.uniform(0.05, 0.95) for _ in range(POINTS - 1)]
     for delay in [f * duration for f in fractions]:
-        for p in DETERMINISTIC[stage]:  # the stage must rebuild its output, not find the old one
-            target = project / p
-            subprocess.run(["rm", "-rf", str(target)], check=True)
-        # -f: really run the stage (DVC would otherwise restore the missing output from its cache)
-        hits += kill_after(["dvc", "repro", "-f", "-s", stage], project, delay, children_only=True)
-        for p in DETERMINISTIC[stage]:  # a killed stage leaves the complete output or none
-            target = project / p
-            assert not target.exists() or digest(target) == reference[p], f"{stage}: partial {p} after kill"
-        run(["dvc", "repro"], project)
-        for p in DETERMINISTIC[stage]:
-            assert digest(project / p) == reference[p], f"{stage}: {p} differs after kill at {delay:.1f}s + repro"
-        assert "up to date" in run(["dvc", "status"], project).stdout
+        # On a busy machine (the suite run twice at once) one run of a stage can take less than half as long as the
+        # measured one; a kill that came after the stage had finished is retried at half the delay.
+        for _ in range(4):
+            for p in DETERMINISTIC[stage]:  # the stage must rebuild its output, not find the old one
+                target = project / p
+                subprocess.run(["rm", "-rf", str(target)], check=True)
+            # -f: really run the stage (DVC would otherwise restore the missing output from its cache)
+            hit = kill_after(["dvc", "repro", "-f", "-s", stage], project, delay, children_only=True)
+            for p in DETERMINISTIC[stage]:  # a killed stage leaves the complete output or none
+                target = project / p
+                assert not target.exists() or digest(target) == reference[p], f"{stage}: partial {p} after kill"
+            run(["dvc", "repro"], project)
+            for p in DETERMINISTIC[stage]:
+                assert digest(project / p) == reference[p], f"{stage}: {p} differs after kill at {delay:.1f}s + repro"
+            assert "up to date" in run(["dvc", "status"], project).stdout
+            hits += hit
+            if hit:
+                break
+            delay /= 2
     assert hits >= 1, f"{stage}: no kill landed while the stage ran"
 
 
