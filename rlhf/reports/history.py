@@ -33,9 +33,6 @@ class Run:
     history: dict[int, dict]
     train: dict[int, dict]
 
-    def row(self, iteration: int) -> dict:
-        return self.history[iteration]
-
     def span(self) -> str:
         its = sorted(self.history)
         if len(its) > 2 and its == list(range(its[0], its[-1] + 1)):
@@ -180,15 +177,15 @@ def table(folders: list[Path], labels: list[str] | None = None, iterations: list
     names = per_folder(labels, folders, "--label")
     specs = [parse_iterations(spec) for spec in per_folder(iterations, folders, "--iterations")]
     runs = [load(f, name) for f, name in zip(folders, names)]
-    shown = {id(r): chosen(r, parts) for r, parts in zip(runs, specs)}  # every run checked before a line is written
+    shown = [chosen(r, parts) for r, parts in zip(runs, specs)]  # every run checked before a line is written
     level = interval_level(runs)
     several = len(runs) > 1
     head = (["run"] if several else []) + ["iteration"] + [
         m.label + (f" [{level}]" if m.interval else "") for m in columns] + [m.label for m in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + ("---|" if several else "") + "---:|" * (len(head) - several)]
-    for run in runs:
-        for it in shown[id(run)]:
-            cells = [cell(run.row(it), m, it) for m in columns]
+    for run, its in zip(runs, shown):
+        for it in its:
+            cells = [cell(run.history[it], m, it) for m in columns]
             cells += [train_cell(run.train.get(it), m) for m in extra]
             lines.append("| " + (f"{run.label} | " if several else "") + f"{it} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
